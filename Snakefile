@@ -1,0 +1,23 @@
+# Decoupled Contrastive Learning: pretrain -> features -> linear probe and kNN -> tables.
+#
+#   snakemake all                                   # the paper grid (config/config.yaml)
+#   snakemake --configfile config/cpu.yaml all      # the CPU-scale grid under results/cpu/
+#   snakemake results/tables/cifar10_top1.csv       # one table and its runs
+#
+# Cores and rerun triggers come from profiles/default; cluster submission from slurm/.
+
+if not workflow.overwrite_configfiles:
+    configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

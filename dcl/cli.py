@@ -1,0 +1,219 @@
+"""The ``dcl`` command line: one subcommand per workflow step.
+
+    dcl prepare-data      decode a dataset once into a uint8 cache
+    dcl pretrain          SimCLR pretraining with InfoNCE, DCL or DCLW
+    dcl extract-features  frozen-backbone features of the train and test splits
+    dcl linear-eval       linear probe top-1 (hyper-parameters chosen on held-out train data)
+    dcl knn               weighted kNN top-1
+    dcl aggregate         tables and figures from per-run result files
+
+Every step that trains or evaluates takes its dataset settings either from a
+study config (``--config FILE --dataset NAME``) or as inline JSON
+(``--settings '{...}'``, what the workflow passes); both are validated against
+the same schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from dcl.config import ConfigError, load_study, validate_dataset_settings
+from dcl.datasets import DataError
+
+log = logging.getLogger("dcl")
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    if args.settings is not None:
+        try:
+            raw = json.loads(args.settings)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"--settings is not valid JSON: {error}") from error
+        return validate_dataset_settings(raw)
+    if args.config is None:
+        raise ConfigError("pass the dataset settings with --settings JSON or --config FILE")
+    study = load_study(args.config)
+    if args.dataset not in study["datasets"]:
+        raise ConfigError(f"dataset {args.dataset!r} has no section in {args.config}: "
+                          f"choose one of {sorted(study['datasets'])}")
+    return study["datasets"][args.dataset]
+
+
+def _run_block(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
+    return {"study": args.study, "dataset": args.dataset, "loss": args.loss,
+            "backbone": settings["model"]["backbone"], "width": settings["model"]["width"],
+            "batch_size": args.batch_size, "epochs": args.epochs, "seed": args.seed}
+
+
+def _tracker(args: argparse.Namespace, run_dir: Path):
+    from dcl.tracking import Tracker
+
+    uri = None if args.tracking_uri in (None, "none") else args.tracking_uri
+    artifacts = Path(args.artifact_root) if args.artifact_root else None
+    return Tracker(uri, f"{args.study}/{args.dataset}", artifact_root=artifacts)
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> None:
+    from dcl.datasets import build_cache
+
+    build_cache(args.dataset, Path(args.data_root), Path(args.out), args.train_subset,
+                args.test_subset, args.allow_download, args.threads)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from dcl.train import pretrain
+
+    settings = _settings(args)
+    for name in ("batch_size", "epochs"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    run_dir = Path(args.run_dir)
+    pretrain(settings, _run_block(args, settings), Path(args.cache), run_dir,
+             _tracker(args, run_dir), args.threads)
+
+
+def cmd_extract_features(args: argparse.Namespace) -> None:
+    from dcl.evaluate import extract_features
+
+    run_dir = Path(args.run_dir)
+    extract_features(_settings(args), run_dir / "backbone.pt", Path(args.cache),
+                     run_dir / "features.npz", args.threads)
+
+
+def _evaluate(args: argparse.Namespace, stage: str) -> None:
+    import torch
+
+    from dcl.atomic import write_json
+    from dcl.evaluate import knn_classify, linear_probe, load_features
+    from dcl.train import run_name
+
+    torch.set_num_threads(args.threads)
+    settings = _settings(args)
+    run_dir = Path(args.run_dir)
+    pretrained = json.loads((run_dir / "pretrain.json").read_text())
+    features = load_features(run_dir / "features.npz")
+    seed = pretrained["run"]["seed"]
+    if stage == "linear":
+        result = linear_probe(features, settings["linear_eval"], seed)
+        params = settings["linear_eval"]
+    else:
+        result = knn_classify(features, settings["knn"]["k"], settings["knn"]["temperature"])
+        params = settings["knn"]
+
+    tracker = _tracker(args, run_dir)
+    parent = pretrained.get("mlflow_run_id")
+    tags = {key: str(value) for key, value in pretrained["run"].items()} | {"stage": stage}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    tracker.start(f"{run_name(pretrained['run'])}/{stage}", tags=tags)
+    tracker.log_params(params)
+    tracker.log_metrics({f"{stage}_top1": result["top1"]}, step=0)
+    tracker.finish("FINISHED")
+
+    out = {"run": pretrained["run"], **result, "mlflow_run_id": tracker.run_id}
+    write_json(run_dir / f"{stage}.json", out)
+    log.info("%s %s top-1: %.2f", run_name(pretrained["run"]), stage, result["top1"])
+
+
+def cmd_aggregate(args: argparse.Namespace) -> None:
+    from dcl.report import aggregate
+
+    aggregate([Path(p) for p in args.results], args.losses, args.batch_sizes, args.epochs,
+              args.dataset, Path(args.csv), Path(args.png), Path(args.md) if args.md else None,
+              ylabel=args.ylabel)
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--settings", help="dataset settings as inline JSON (as the workflow passes)")
+    source.add_argument("--config", help="study YAML file; its section for --dataset is used")
+    parser.add_argument("--dataset", required=True, help="dataset name, e.g. cifar10")
+    parser.add_argument("--run-dir", required=True, help="the run's folder")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+
+
+def _add_tracking(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", default="adhoc", help="study name (MLflow experiment prefix)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI, e.g. sqlite:///results/cpu/mlflow.db; 'none' disables")
+    parser.add_argument("--artifact-root", default=None, help="folder for MLflow artifacts")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prep = commands.add_parser("prepare-data", help="decode a dataset into a uint8 cache")
+    prep.add_argument("--dataset", required=True)
+    prep.add_argument("--data-root", required=True, help="the dataset's folder, e.g. data/cifar10")
+    prep.add_argument("--out", required=True, help="cache file to write (.npz)")
+    prep.add_argument("--train-subset", type=int, default=None, help="class-balanced train images")
+    prep.add_argument("--test-subset", type=int, default=None, help="class-balanced test images")
+    prep.add_argument("--allow-download", action="store_true", help="let torchvision download")
+    prep.add_argument("--threads", type=int, default=2)
+    prep.set_defaults(func=cmd_prepare_data)
+
+    pre = commands.add_parser("pretrain", help="SimCLR pretraining of one grid run")
+    _add_settings(pre)
+    _add_tracking(pre)
+    pre.add_argument("--loss", required=True, choices=["infonce", "dcl", "dclw"])
+    pre.add_argument("--batch-size", type=int, required=True, help="images per step (N)")
+    pre.add_argument("--epochs", type=int, required=True)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--cache", required=True, help="dataset cache from prepare-data")
+    pre.set_defaults(func=cmd_pretrain)
+
+    feats = commands.add_parser("extract-features", help="features of a pretrained backbone")
+    _add_settings(feats)
+    feats.add_argument("--cache", required=True)
+    feats.set_defaults(func=cmd_extract_features)
+
+    for stage, help_text in (("linear", "linear probe top-1"), ("knn", "weighted kNN top-1")):
+        sub = commands.add_parser("linear-eval" if stage == "linear" else "knn", help=help_text)
+        _add_settings(sub)
+        _add_tracking(sub)
+        sub.set_defaults(func=lambda args, stage=stage: _evaluate(args, stage))
+
+    agg = commands.add_parser("aggregate", help="table and figure of one dataset")
+    agg.add_argument("--dataset", required=True)
+    agg.add_argument("--losses", nargs="+", required=True)
+    agg.add_argument("--batch-sizes", nargs="+", type=int, required=True)
+    agg.add_argument("--epochs", nargs="+", type=int, required=True)
+    agg.add_argument("--csv", required=True)
+    agg.add_argument("--png", required=True)
+    agg.add_argument("--md", default=None)
+    agg.add_argument("--ylabel", default="linear top-1 (%)", help="y-axis label of the figure")
+    agg.add_argument("results", nargs="*", help="linear.json files of the runs")
+    agg.set_defaults(func=cmd_aggregate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        args.func(args)
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as error:
+        log.error("%s", error)
+        return 2
+    except Exception as error:  # noqa: BLE001 - report any other failure with its type
+        from dcl.train import DivergenceError
+
+        if isinstance(error, DivergenceError):
+            log.error("%s", error)
+            return 3
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

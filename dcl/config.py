@@ -1,0 +1,115 @@
+"""Study configuration: validation against the JSON schema, defaults and derived paths.
+
+The schema lives in ``workflow/schemas/config.schema.yaml`` so that the workflow and
+the ``dcl`` command line check a config with the same rules. Defaults declared in
+the schema are filled in during validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+DATA_ROOT_ENV = "DCL_DATA_ROOT"
+
+
+class ConfigError(ValueError):
+    """An invalid study configuration; the message names the key, the value and the fix."""
+
+
+def _with_defaults(validator_class):
+    """Extend a jsonschema validator so that it fills in each property's ``default``."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, subschema in properties.items():
+                if "default" in subschema and key not in instance:
+                    instance[key] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def load_schema() -> dict[str, Any]:
+    with open(SCHEMA_PATH) as handle:
+        return yaml.safe_load(handle)
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(part) for part in error.absolute_path) or "<top level>"
+
+
+def _validate(instance: dict, schema: dict, source: str) -> None:
+    errors = sorted(_Validator(schema).iter_errors(instance), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"  {_key_path(e)}: {e.message}" for e in errors]
+        raise ConfigError(
+            f"invalid configuration in {source}:\n" + "\n".join(lines)
+            + "\nFix these values (the schema is " f"{SCHEMA_PATH.relative_to(REPO_ROOT)}) and rerun."
+        )
+
+
+def validate_study(config: dict[str, Any], source: str = "the config") -> dict[str, Any]:
+    """Validate a study config, fill in defaults and check cross-field rules; returns a copy."""
+    config = copy.deepcopy(config)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source} must be a mapping of keys to values, got {type(config).__name__}")
+    _validate(config, load_schema(), source)
+
+    for name in config["grid"]["datasets"]:
+        if name not in config["datasets"]:
+            raise ConfigError(
+                f"grid.datasets lists {name!r} in {source}, but datasets.{name} is missing: "
+                f"add its settings under 'datasets:' or remove it from the grid"
+            )
+    return config
+
+
+def validate_dataset_settings(settings: dict[str, Any], source: str = "--settings") -> dict:
+    """Validate one dataset section (the unit a single run receives) and fill in defaults."""
+    settings = copy.deepcopy(settings)
+    schema = load_schema()
+    subschema = {"$defs": schema["$defs"], "$ref": "#/$defs/dataset"}
+    _validate(settings, subschema, source)
+    return settings
+
+
+def load_study(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a study YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found: pass an existing YAML file")
+    with open(path) as handle:
+        try:
+            config = yaml.safe_load(handle)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+    return validate_study(config, source=str(path))
+
+
+def data_root(config: dict[str, Any]) -> Path:
+    """The folder holding one sub-folder per dataset: config, then $DCL_DATA_ROOT, then ./data."""
+    if config.get("data_root"):
+        return Path(config["data_root"])
+    return Path(os.environ.get(DATA_ROOT_ENV) or "data")
+
+
+def tracking_uri(config: dict[str, Any]) -> str | None:
+    """The MLflow tracking URI of a study; None when tracking is disabled."""
+    uri = config.get("tracking_uri")
+    if uri == "none":
+        return None
+    if uri:
+        return uri
+    return f"sqlite:///{Path(config['output_root']).resolve() / 'mlflow.db'}"

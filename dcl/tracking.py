@@ -1,0 +1,132 @@
+"""MLflow tracking for pretraining and evaluation runs.
+
+One experiment per study and dataset (``<study>/<dataset>``). Pretraining runs
+are parents; their evaluation runs carry the ``mlflow.parentRunId`` tag, so the
+MLflow UI nests them. Metrics are sent in batches with ``log_batch``.
+
+Several jobs may start at once against one sqlite store, so creating the
+experiment and the first writes are retried with back-off instead of failing
+on "database is locked" or on a race to create the same experiment.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRIES = 8
+
+
+def _retry(action: Callable[[], T], what: str) -> T:
+    """Run ``action``, retrying transient store errors with jittered exponential back-off."""
+    for attempt in range(RETRIES):
+        try:
+            return action()
+        except Exception as error:  # noqa: BLE001 - MLflow wraps sqlite errors in several types
+            if attempt == RETRIES - 1:
+                raise
+            delay = 0.2 * 2**attempt * (1 + random.random())
+            log.warning("MLflow %s failed (%s); retry %d in %.1f s", what, error, attempt + 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten nested settings into MLflow params: {"loss": {"temperature": 0.1}} → {"loss.temperature": "0.1"}."""
+    flat = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+class Tracker:
+    """A handle on one MLflow run; every method is a no-op when ``uri`` is None.
+
+    Args:
+        uri: tracking URI (``sqlite:///…`` or ``http://127.0.0.1:5000``), or None.
+        experiment: experiment name, created on first use.
+        artifact_root: folder for the experiment's artifacts when it is created.
+    """
+
+    def __init__(self, uri: str | None, experiment: str, artifact_root: Path | None = None) -> None:
+        self.uri = uri
+        self.experiment = experiment
+        self.artifact_root = artifact_root
+        self.run_id: str | None = None
+        self._client = None
+        if uri is not None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=uri)
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    def _experiment_id(self) -> str:
+        def get_or_create() -> str:
+            found = self._client.get_experiment_by_name(self.experiment)
+            if found is not None:
+                return found.experiment_id
+            location = self.artifact_root.resolve().as_uri() if self.artifact_root else None
+            return self._client.create_experiment(self.experiment, artifact_location=location)
+
+        return _retry(get_or_create, f"get-or-create experiment {self.experiment!r}")
+
+    def start(self, run_name: str, tags: dict[str, str] | None = None,
+              resume_run_id: str | None = None) -> str | None:
+        """Start a run, or reopen ``resume_run_id`` (status set back to RUNNING)."""
+        if not self.enabled:
+            return None
+        if resume_run_id:
+            _retry(lambda: self._client.update_run(resume_run_id, status="RUNNING"), "resume run")
+            self.run_id = resume_run_id
+            log.info("resumed MLflow run %s (%s)", resume_run_id, run_name)
+            return self.run_id
+        experiment_id = self._experiment_id()
+        run = _retry(
+            lambda: self._client.create_run(experiment_id, run_name=run_name, tags=tags or {}),
+            "create run",
+        )
+        self.run_id = run.info.run_id
+        log.info("started MLflow run %s (%s) in experiment %r", self.run_id, run_name, self.experiment)
+        return self.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(key, value[:6000]) for key, value in flatten(params).items()]
+        for start in range(0, len(items), 100):
+            chunk = items[start:start + 100]
+            _retry(lambda: self._client.log_batch(self.run_id, params=chunk), "log params")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        _retry(lambda: self._client.log_batch(self.run_id, metrics=items), "log metrics")
+
+    def log_artifact(self, path: Path) -> None:
+        if self.enabled:
+            _retry(lambda: self._client.log_artifact(self.run_id, str(path)), "log artifact")
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Set the run's final status: FINISHED, FAILED or KILLED."""
+        if self.enabled and self.run_id:
+            _retry(lambda: self._client.set_terminated(self.run_id, status=status), "end run")
+            log.info("MLflow run %s ended %s", self.run_id, status)

@@ -1,0 +1,76 @@
+# Config validation, the grid and the paths every rule shares.
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from dcl.config import data_root, tracking_uri, validate_study
+
+_validated = validate_study(config, source=", ".join(map(str, workflow.configfiles)) or "config")
+config.clear()
+config.update(_validated)
+
+ROOT = config["output_root"].rstrip("/")
+GRID = config["grid"]
+DCL = f"{shlex.quote(sys.executable)} -m dcl"
+TRACKING = tracking_uri(config) or "none"
+ARTIFACTS = f"{ROOT}/mlartifacts"
+
+# One run folder per grid cell; every segment is a key=value-free literal, so no
+# wildcard can be split two ways.
+RUN = (
+    ROOT
+    + "/runs/{dataset}/{arch}/{loss}/bs{batch}/ep{epochs}/seed{seed}"
+)
+
+
+wildcard_constraints:
+    dataset=r"[a-z0-9]+",
+    arch=r"resnet\d+-w\d+",
+    loss=r"infonce|dcl|dclw",
+    batch=r"\d+",
+    epochs=r"\d+",
+    seed=r"\d+",
+
+
+def dataset_settings(dataset):
+    return config["datasets"][dataset]
+
+
+def arch(dataset):
+    """Path segment naming the backbone and its width, e.g. resnet18-w64."""
+    model = dataset_settings(dataset)["model"]
+    return f"{model['backbone']}-w{model['width']}"
+
+
+def settings_arg(wildcards):
+    """The dataset's settings as one shell-quoted JSON argument (also a rerun trigger)."""
+    return shlex.quote(json.dumps(dataset_settings(wildcards.dataset), sort_keys=True))
+
+
+def run_dir(wildcards):
+    return RUN.format(**wildcards)
+
+
+def run_files(dataset, name):
+    """``name`` (e.g. linear.json) of every grid run of ``dataset``."""
+    return expand(
+        RUN + "/" + name,
+        dataset=dataset,
+        arch=arch(dataset),
+        loss=GRID["losses"],
+        batch=GRID["batch_sizes"],
+        epochs=GRID["epochs"],
+        seed=GRID["seeds"],
+    )
+
+
+def all_targets():
+    targets = []
+    for dataset in GRID["datasets"]:
+        targets += [
+            f"{ROOT}/tables/{dataset}_top1.csv",
+            f"{ROOT}/tables/{dataset}_knn_top1.csv",
+            f"{ROOT}/figures/{dataset}_batch_size.png",
+        ]
+    return targets

@@ -1,0 +1,22 @@
+# Decode each dataset once into a uint8 cache shared by every run of the study.
+
+
+rule prepare_data:
+    output:
+        ROOT + "/cache/{dataset}.npz",
+    params:
+        data_dir=lambda w: str(data_root(config) / w.dataset),
+        subsets=lambda w: (
+            f"--train-subset {dataset_settings(w.dataset)['train_subset']} "
+            if dataset_settings(w.dataset)["train_subset"] else ""
+        ) + (
+            f"--test-subset {dataset_settings(w.dataset)['test_subset']} "
+            if dataset_settings(w.dataset)["test_subset"] else ""
+        ),
+        download="--allow-download" if config["allow_download"] else "",
+    threads: config["threads"]
+    log:
+        ROOT + "/logs/prepare_data/{dataset}.log",
+    shell:
+        "{DCL} prepare-data --dataset {wildcards.dataset} --data-root {params.data_dir:q} "
+        "--out {output:q} {params.subsets}{params.download} --threads {threads} > {log:q} 2>&1"

@@ -1,0 +1,21 @@
+# One SimCLR pretraining run per grid cell; resumes from its newest checkpoint.
+
+
+rule pretrain:
+    input:
+        cache=ROOT + "/cache/{dataset}.npz",
+    output:
+        result=RUN + "/pretrain.json",
+        weights=RUN + "/backbone.pt",
+    params:
+        settings=settings_arg,
+        run_dir=run_dir,
+    threads: config["threads"]
+    log:
+        RUN + "/pretrain.log",
+    shell:
+        "{DCL} pretrain --settings {params.settings} --dataset {wildcards.dataset} "
+        "--loss {wildcards.loss} --batch-size {wildcards.batch} --epochs {wildcards.epochs} "
+        "--seed {wildcards.seed} --cache {input.cache:q} --run-dir {params.run_dir:q} "
+        "--study {config[study]} --tracking-uri {TRACKING:q} --artifact-root {ARTIFACTS:q} "
+        "--threads {threads} > {log:q} 2>&1"

@@ -1,0 +1,35 @@
+# Tables and figures of each dataset, built from the per-run result files only.
+
+GRID_ARGS = (
+    f"--losses {' '.join(GRID['losses'])} "
+    f"--batch-sizes {' '.join(map(str, GRID['batch_sizes']))} "
+    f"--epochs {' '.join(map(str, GRID['epochs']))}"
+)
+
+
+rule aggregate_linear:
+    input:
+        lambda w: run_files(w.dataset, "linear.json"),
+    output:
+        csv=ROOT + "/tables/{dataset}_top1.csv",
+        md=ROOT + "/tables/{dataset}_top1.md",
+        png=ROOT + "/figures/{dataset}_batch_size.png",
+    log:
+        ROOT + "/logs/aggregate/{dataset}_linear.log",
+    shell:
+        "{DCL} aggregate --dataset {wildcards.dataset} {GRID_ARGS} --csv {output.csv:q} "
+        "--md {output.md:q} --png {output.png:q} {input:q} > {log:q} 2>&1"
+
+
+rule aggregate_knn:
+    input:
+        lambda w: run_files(w.dataset, "knn.json"),
+    output:
+        csv=ROOT + "/tables/{dataset}_knn_top1.csv",
+        md=ROOT + "/tables/{dataset}_knn_top1.md",
+        png=ROOT + "/figures/{dataset}_knn_batch_size.png",
+    log:
+        ROOT + "/logs/aggregate/{dataset}_knn.log",
+    shell:
+        "{DCL} aggregate --dataset {wildcards.dataset} {GRID_ARGS} --ylabel 'kNN top-1 (%)' "
+        "--csv {output.csv:q} --md {output.md:q} --png {output.png:q} {input:q} > {log:q} 2>&1"
