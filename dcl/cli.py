@@ -112,6 +112,8 @@ def _evaluate(args: argparse.Namespace, stage: str) -> None:
         tags["mlflow.parentRunId"] = parent
     tracker.start(f"{run_name(pretrained['run'])}/{stage}", tags=tags)
     tracker.log_params(params)
+    if (run_dir / "settings.json").is_file():
+        tracker.log_artifact(run_dir / "settings.json")
     tracker.log_metrics({f"{stage}_top1": result["top1"]}, step=0)
     tracker.finish("FINISHED")
 

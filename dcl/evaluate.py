@@ -22,16 +22,18 @@ from dcl.atomic import atomic_path
 from dcl.augment import eval_transform
 from dcl.datasets import load_cache
 from dcl.models import ModelConfig, build_backbone
+from dcl.train import default_device
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def _embed(backbone: nn.Module, images: torch.Tensor, image_size: int, batch_size: int) -> torch.Tensor:
+    device = next(backbone.parameters()).device
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc="features", mininterval=10, leave=False):
-        batch = eval_transform(images[start:start + batch_size], image_size=image_size)
-        chunks.append(backbone(batch))
+        batch = images[start:start + batch_size].to(device)
+        chunks.append(backbone(eval_transform(batch, image_size=image_size)).float().cpu())
     return torch.cat(chunks)
 
 
@@ -41,7 +43,7 @@ def extract_features(settings: dict, weights: Path, cache: Path, out: Path,
     torch.set_num_threads(threads)
     backbone = build_backbone(ModelConfig(**settings["model"]))
     backbone.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    backbone.eval()
+    backbone.to(default_device()).eval()
     data = load_cache(cache)
     size = settings["augment"]["image_size"]
     arrays = {}

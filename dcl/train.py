@@ -33,6 +33,11 @@ class DivergenceError(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+def default_device() -> torch.device:
+    """The first CUDA device when one is visible, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def run_name(run: dict[str, Any]) -> str:
     """Human-facing run name, e.g. ``dcl_resnet18w16_1xb256_200e_cifar10_s0``."""
     return (f"{run['loss']}_{run['backbone']}w{run['width']}_1xb{run['batch_size']}"
@@ -60,7 +65,9 @@ class Pretrainer:
         torch.set_num_threads(threads)
         torch.manual_seed(run["seed"])
         self.settings, self.run, self.run_dir, self.tracker = settings, run, Path(run_dir), tracker
-        self.images = torch.from_numpy(load_cache(cache)["train_images"])
+        self.device = default_device()
+        # The uint8 training set lives on the training device; batches are gathered there.
+        self.images = torch.from_numpy(load_cache(cache)["train_images"]).to(self.device)
         self.batch_size = run["batch_size"]
         self.steps_per_epoch = len(self.images) // self.batch_size
         if self.steps_per_epoch < 1:
@@ -69,7 +76,7 @@ class Pretrainer:
                 "images: lower the batch size or enlarge train_subset")
 
         opt = settings["pretrain"]
-        self.model = build_model(settings)
+        self.model = build_model(settings).to(self.device)
         self.augment = build_augment(settings)
         self.loss_fn = build_loss(
             run["loss"], temperature=settings["loss"]["temperature"], sigma=settings["loss"]["sigma"],
@@ -98,6 +105,7 @@ class Pretrainer:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
+        """Load a checkpoint written by :meth:`state` (tensors mapped to the training device)."""
         self.epoch = state["epoch"]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -112,7 +120,7 @@ class Pretrainer:
     def _step(self, batch: torch.Tensor, global_step: int, stats: dict, record_qb: bool) -> float:
         view1, view2 = self.augment.two_views(batch, self.augment_rng)
         bf16 = self.settings["pretrain"]["precision"] == "bf16"
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             z = self.model(torch.cat((view1, view2)))
         z1, z2 = z.float().chunk(2)
         loss = self.loss_fn(z1, z2)
@@ -134,11 +142,11 @@ class Pretrainer:
         n1, n2 = torch.nn.functional.normalize(z1, dim=1), torch.nn.functional.normalize(z2, dim=1)
         stats["pos_sim"].append((n1 * n2).sum(1).mean().item())
         sim = n1 @ n2.T
-        off_diagonal = ~torch.eye(len(n1), dtype=torch.bool)
+        off_diagonal = ~torch.eye(len(n1), dtype=torch.bool, device=sim.device)
         stats["neg_sim"].append(sim[off_diagonal].mean().item())
 
     def _epoch_summary(self, losses: list[float], stats: dict, seconds: float) -> dict[str, float]:
-        q_b = torch.cat(stats["q_b"]) if stats["q_b"] else torch.full((1,), math.nan)
+        q_b = torch.cat(stats["q_b"]).cpu() if stats["q_b"] else torch.full((1,), math.nan)
         quantiles = torch.quantile(q_b, torch.tensor([0.1, 0.5, 0.9]))
         return {
             "epoch": self.epoch, "loss": sum(losses) / len(losses),

@@ -1,0 +1,146 @@
+"""End-to-end runs of the Snakemake workflow on the smoke config and real CIFAR-10 images."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+LOSSES = ["infonce", "dcl", "dclw"]
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("DCL_DATA_ROOT", REPO / "data"))
+
+
+needs_cifar10 = pytest.mark.skipif(
+    not (data_root() / "cifar10" / "train").is_dir(),
+    reason="real CIFAR-10 not found: set DCL_DATA_ROOT to the folder holding cifar10/",
+)
+
+
+def write_config(folder: Path, **changes) -> Path:
+    config = yaml.safe_load((REPO / "config" / "smoke.yaml").read_text())
+    config["output_root"] = str(folder / "out")
+    for dotted, value in changes.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def snakemake(config: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*SNAKEMAKE, *args, "--configfile", str(config)],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("smoke")
+    config = write_config(folder)
+    result = snakemake(config, "all")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return folder / "out", config
+
+
+@pytest.mark.slow
+@needs_cifar10
+def test_smoke_table_has_every_cell(smoke_run):
+    root, _ = smoke_run
+    table = pd.read_csv(root / "tables" / "cifar10_top1.csv")
+    assert list(table["loss"]) == LOSSES
+    for batch in ("32", "64"):
+        assert (table[f"{batch}_n"] == 1).all()
+        assert table[batch].between(0, 100).all()
+
+
+@pytest.mark.slow
+@needs_cifar10
+def test_smoke_figures_are_png(smoke_run):
+    root, _ = smoke_run
+    for name in ("cifar10_batch_size.png", "cifar10_knn_batch_size.png"):
+        assert (root / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@needs_cifar10
+def test_smoke_features_are_temporary(smoke_run):
+    root, _ = smoke_run
+    assert not list(root.glob("runs/**/features.npz"))
+    assert len(list(root.glob("runs/**/backbone.pt"))) == 6
+
+
+@pytest.mark.slow
+@needs_cifar10
+def test_smoke_mlflow_holds_runs(smoke_run):
+    from mlflow.tracking import MlflowClient
+
+    root, _ = smoke_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("smoke/cifar10")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    stages = [run.data.tags["stage"] for run in runs]
+    assert sorted(stages) == sorted(["pretrain", "linear", "knn"] * 6)
+    assert {run.info.status for run in runs} == {"FINISHED"}
+
+    pretrain_ids = {run.info.run_id for run in runs if run.data.tags["stage"] == "pretrain"}
+    for run in runs:
+        if run.data.tags["stage"] == "pretrain":
+            history = client.get_metric_history(run.info.run_id, "loss")
+            assert [point.step for point in history] == [1]
+            assert "q_b_mean" in run.data.metrics
+        else:
+            assert run.data.tags["mlflow.parentRunId"] in pretrain_ids
+            assert f"{run.data.tags['stage']}_top1" in run.data.metrics
+
+
+@pytest.mark.slow
+@needs_cifar10
+def test_smoke_rerun_has_nothing_to_do(smoke_run):
+    _, config = smoke_run
+    result = snakemake(config, "-n", "all")
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"grid.losses": ["infonce", "simclr"]}, "simclr"),
+        ({"grid.batch_sizes": [0]}, "grid.batch_sizes.0"),
+        ({"datasets.cifar10.loss.temperature": 0}, "datasets.cifar10.loss.temperature"),
+        ({"datasets.cifar10.loss.sigma": -1}, "datasets.cifar10.loss.sigma"),
+        ({"grid.epochs": [0]}, "grid.epochs.0"),
+        ({"grid.datasets": ["mnist"]}, "mnist"),
+    ],
+)
+def test_invalid_config_stops_workflow(tmp_path, change, expected):
+    config = write_config(tmp_path, **change)
+    result = snakemake(config, "-n", "all", timeout=120)
+    assert result.returncode != 0
+    assert expected in result.stdout + result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_missing_data_root_stops_before_training(tmp_path):
+    config = write_config(tmp_path, data_root=str(tmp_path / "nowhere"))
+    result = snakemake(config, "all", timeout=300)
+    log = (tmp_path / "out" / "logs" / "prepare_data" / "cifar10.log").read_text()
+    assert result.returncode != 0
+    assert str(tmp_path / "nowhere" / "cifar10") in log
+    assert not list((tmp_path / "out").glob("runs/**/pretrain.json"))
+    assert not list((tmp_path / "out").glob("cache/*.npz"))
