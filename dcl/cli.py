@@ -6,6 +6,7 @@
     dcl linear-eval       linear probe top-1 (hyper-parameters chosen on held-out train data)
     dcl knn               weighted kNN top-1
     dcl aggregate         tables and figures from per-run result files
+    dcl diagnostics       q_B and training-curve figures from per-run histories
 
 Every step that trains or evaluates takes its dataset settings either from a
 study config (``--config FILE --dataset NAME``) or as inline JSON
@@ -130,6 +131,13 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
               ylabel=args.ylabel)
 
 
+def cmd_diagnostics(args: argparse.Namespace) -> None:
+    from dcl.diagnostics import draw
+
+    draw([Path(p) for p in args.results], args.losses, args.dataset, Path(args.npc_png),
+         Path(args.curves_png))
+
+
 def _add_settings(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--settings", help="dataset settings as inline JSON (as the workflow passes)")
@@ -194,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--ylabel", default="linear top-1 (%)", help="y-axis label of the figure")
     agg.add_argument("results", nargs="*", help="linear.json files of the runs")
     agg.set_defaults(func=cmd_aggregate)
+
+    diag = commands.add_parser("diagnostics", help="q_B and pretraining-curve figures")
+    diag.add_argument("--dataset", required=True)
+    diag.add_argument("--losses", nargs="+", required=True)
+    diag.add_argument("--npc-png", required=True, help="q_B against batch size, one panel per loss")
+    diag.add_argument("--curves-png", required=True, help="loss and q_B over epochs")
+    diag.add_argument("results", nargs="*", help="pretrain.json files of the runs")
+    diag.set_defaults(func=cmd_diagnostics)
     return parser
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -35,6 +36,18 @@ def _retry(action: Callable[[], T], what: str) -> T:
             log.warning("MLflow %s failed (%s); retry %d in %.1f s", what, error, attempt + 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from, or None outside a git checkout."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if result.returncode != 0:
+        return None
+    return result.stdout.strip() or None
 
 
 def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -94,8 +107,12 @@ class Tracker:
             log.info("resumed MLflow run %s (%s)", resume_run_id, run_name)
             return self.run_id
         experiment_id = self._experiment_id()
+        tags = dict(tags or {})
+        commit = git_commit()
+        if commit:
+            tags.setdefault("mlflow.source.git.commit", commit)
         run = _retry(
-            lambda: self._client.create_run(experiment_id, run_name=run_name, tags=tags or {}),
+            lambda: self._client.create_run(experiment_id, run_name=run_name, tags=tags),
             "create run",
         )
         self.run_id = run.info.run_id

@@ -72,5 +72,7 @@ def all_targets():
             f"{ROOT}/tables/{dataset}_top1.csv",
             f"{ROOT}/tables/{dataset}_knn_top1.csv",
             f"{ROOT}/figures/{dataset}_batch_size.png",
+            f"{ROOT}/figures/{dataset}_npc.png",
+            f"{ROOT}/figures/{dataset}_curves.png",
         ]
     return targets

@@ -1,7 +1,8 @@
 # Tables and figures of each dataset, built from the per-run result files only.
 
+LOSS_NAMES = " ".join(GRID["losses"])
 GRID_ARGS = (
-    f"--losses {' '.join(GRID['losses'])} "
+    f"--losses {LOSS_NAMES} "
     f"--batch-sizes {' '.join(map(str, GRID['batch_sizes']))} "
     f"--epochs {' '.join(map(str, GRID['epochs']))}"
 )
@@ -33,3 +34,16 @@ rule aggregate_knn:
     shell:
         "{DCL} aggregate --dataset {wildcards.dataset} {GRID_ARGS} --ylabel 'kNN top-1 (%)' "
         "--csv {output.csv:q} --md {output.md:q} --png {output.png:q} {input:q} > {log:q} 2>&1"
+
+
+rule diagnostics:
+    input:
+        lambda w: run_files(w.dataset, "pretrain.json"),
+    output:
+        npc=ROOT + "/figures/{dataset}_npc.png",
+        curves=ROOT + "/figures/{dataset}_curves.png",
+    log:
+        ROOT + "/logs/aggregate/{dataset}_diagnostics.log",
+    shell:
+        "{DCL} diagnostics --dataset {wildcards.dataset} --losses {LOSS_NAMES} "
+        "--npc-png {output.npc:q} --curves-png {output.curves:q} {input:q} > {log:q} 2>&1"
