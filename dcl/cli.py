@@ -34,7 +34,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         try:
             raw = json.loads(args.settings)
         except json.JSONDecodeError as error:
-            raise ConfigError(f"--settings is not valid JSON: {error}") from error
+            near = error.doc[max(0, error.pos - 40):error.pos + 40]
+            raise ConfigError(f"--settings is not valid JSON: {error}, near {near!r}") from error
         return validate_dataset_settings(raw)
     if args.config is None:
         raise ConfigError("pass the dataset settings with --settings JSON or --config FILE")

@@ -94,6 +94,9 @@ def _folder_files(split_root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
         members.sort(key=lambda p: (len(p.stem), p.stem))
         files.extend(members)
         labels.extend([label] * len(members))
+    if not files:
+        raise DataError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class "
+                        f"folders of {split_root}")
     return files, np.asarray(labels, dtype=np.int64), classes
 
 

@@ -22,7 +22,9 @@ from dcl.report import LOSS_DISPLAY_NAMES
 
 log = logging.getLogger(__name__)
 
-HISTORY_KEYS = ("loss", "lr", "q_b_mean", "q_b_median", "q_b_p10", "q_b_p90", "pos_sim", "neg_sim")
+# The history's "loss" (a value) is renamed "train_loss" so it cannot shadow the run's
+# "loss" (the loss name).
+HISTORY_KEYS = ("lr", "q_b_mean", "q_b_median", "q_b_p10", "q_b_p90", "pos_sim", "neg_sim")
 
 
 def load_histories(paths: Iterable[Path]) -> pd.DataFrame:
@@ -35,7 +37,8 @@ def load_histories(paths: Iterable[Path]) -> pd.DataFrame:
         except (OSError, json.JSONDecodeError, KeyError) as error:
             raise ValueError(f"cannot read pretraining history from {path}: {error}") from error
         for entry in history:
-            rows.append({**run, **{key: entry.get(key) for key in ("epoch", *HISTORY_KEYS)}})
+            values = {key: entry.get(key) for key in ("epoch", *HISTORY_KEYS)}
+            rows.append({**run, **values, "train_loss": entry.get("loss")})
     return pd.DataFrame(rows)
 
 
@@ -85,9 +88,9 @@ def plot_curves(histories: pd.DataFrame, losses: list[str], path: Path, title: s
     for column, loss in enumerate(losses):
         runs = histories[histories["loss"] == loss] if not histories.empty else histories
         if not runs.empty:
-            mean = runs.groupby(["batch_size", "epoch"])[["loss", "q_b_median"]].mean().reset_index()
+            mean = runs.groupby(["batch_size", "epoch"])[["train_loss", "q_b_median"]].mean().reset_index()
             for batch, curve in mean.groupby("batch_size"):
-                axes[0][column].plot(curve["epoch"], curve["loss"], marker="o", label=f"batch {batch}")
+                axes[0][column].plot(curve["epoch"], curve["train_loss"], marker="o", label=f"batch {batch}")
                 axes[1][column].plot(curve["epoch"], curve["q_b_median"], marker="o", label=f"batch {batch}")
         axes[0][column].set_title(LOSS_DISPLAY_NAMES.get(loss, loss))
         axes[1][column].set_xlabel("epoch")

@@ -31,7 +31,8 @@ def _make_folder_root(root: Path, suffix: str = ".png") -> Path:
         for cls in CLASSES:
             class_index = sorted(CLASSES).index(cls)
             for stem in stems:
-                _write_image(root / split / cls / f"{stem}{suffix}", _pixel_value(class_index, stem))
+                path = root / split / cls / f"{stem}{suffix}"
+                _write_image(path, _pixel_value(class_index, stem))
     return root
 
 
@@ -133,7 +134,8 @@ def _make_official_root(root: Path) -> tuple[np.ndarray, np.ndarray]:
     train = rng.integers(0, 256, size=(10, 3, 32, 32), dtype=np.uint8)
     train_labels = [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
     for i in range(5):
-        batch = {"data": train[2 * i:2 * i + 2].reshape(2, -1), "labels": train_labels[2 * i:2 * i + 2]}
+        batch = {"data": train[2 * i:2 * i + 2].reshape(2, -1),
+                 "labels": train_labels[2 * i:2 * i + 2]}
         with open(folder / f"data_batch_{i + 1}", "wb") as handle:
             pickle.dump(batch, handle)
     test = rng.integers(0, 256, size=(3, 3, 32, 32), dtype=np.uint8)
@@ -207,6 +209,16 @@ def test_empty_split_raises(tmp_path):
     (root / "test").mkdir()
 
     with pytest.raises(DataError, match="no class folders"):
+        build_cache("cifar10", root, tmp_path / "cache.npz", threads=1)
+
+
+def test_no_image_files_raises(tmp_path):
+    root = tmp_path / "cifar10"
+    for split in ("train", "test"):
+        (root / split / "cat").mkdir(parents=True)
+        (root / split / "cat" / "0.tif").write_bytes(b"unsupported suffix")
+
+    with pytest.raises(DataError, match="no image files"):
         build_cache("cifar10", root, tmp_path / "cache.npz", threads=1)
 
 

@@ -29,6 +29,8 @@ def test_histories_one_row_per_epoch(tmp_path):
     histories = load_histories(paths)
     assert len(histories) == 4
     assert set(histories["batch_size"]) == {32, 64}
+    assert set(histories["loss"]) == {"dcl"}
+    assert list(histories["train_loss"]) == [4.0, 3.0, 4.0, 3.0]
 
 
 def test_histories_malformed_file_named(tmp_path):

@@ -102,8 +102,8 @@ def test_lars_step_matches_hand_computation():
 
 
 def test_lars_first_step_value():
-    # p = (3, -4), g = (0, 0) + wd·p with wd = 1: ‖p‖ = 5, ‖g + wd·p‖ = 5, so the
-    # trust ratio is eta and the step is lr·eta·p = 0.5·0.1·p.
+    # With p = (3, -4), g = 0 and wd = 1, both ‖p‖ and ‖g + wd·p‖ are 5. So the trust
+    # ratio is eta and the step is lr·eta·p = 0.5·0.1·p.
     param = nn.Parameter(torch.tensor([[3.0, -4.0]], dtype=torch.float64))
     optimizer = LARS([{"params": [param], "weight_decay": 1.0}], lr=0.5, eta=0.1)
     param.grad = torch.zeros_like(param)

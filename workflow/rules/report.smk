@@ -12,9 +12,9 @@ rule aggregate_linear:
     input:
         lambda w: run_files(w.dataset, "linear.json"),
     output:
-        csv=ROOT + "/tables/{dataset}_top1.csv",
+        csv=report(ROOT + "/tables/{dataset}_top1.csv", caption="../report/table.rst", category="Tables"),
         md=ROOT + "/tables/{dataset}_top1.md",
-        png=ROOT + "/figures/{dataset}_batch_size.png",
+        png=report(ROOT + "/figures/{dataset}_batch_size.png", caption="../report/batch_size.rst", category="Figures"),
     log:
         ROOT + "/logs/aggregate/{dataset}_linear.log",
     shell:
@@ -26,9 +26,9 @@ rule aggregate_knn:
     input:
         lambda w: run_files(w.dataset, "knn.json"),
     output:
-        csv=ROOT + "/tables/{dataset}_knn_top1.csv",
+        csv=report(ROOT + "/tables/{dataset}_knn_top1.csv", caption="../report/knn_table.rst", category="Tables"),
         md=ROOT + "/tables/{dataset}_knn_top1.md",
-        png=ROOT + "/figures/{dataset}_knn_batch_size.png",
+        png=report(ROOT + "/figures/{dataset}_knn_batch_size.png", caption="../report/batch_size.rst", category="Figures"),
     log:
         ROOT + "/logs/aggregate/{dataset}_knn.log",
     shell:
@@ -40,8 +40,8 @@ rule diagnostics:
     input:
         lambda w: run_files(w.dataset, "pretrain.json"),
     output:
-        npc=ROOT + "/figures/{dataset}_npc.png",
-        curves=ROOT + "/figures/{dataset}_curves.png",
+        npc=report(ROOT + "/figures/{dataset}_npc.png", caption="../report/npc.rst", category="Diagnostics"),
+        curves=report(ROOT + "/figures/{dataset}_curves.png", caption="../report/curves.rst", category="Diagnostics"),
     log:
         ROOT + "/logs/aggregate/{dataset}_diagnostics.log",
     shell:
