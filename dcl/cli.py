@@ -7,6 +7,7 @@
     dcl knn               weighted kNN top-1
     dcl aggregate         tables and figures from per-run result files
     dcl diagnostics       q_B and training-curve figures from per-run histories
+    dcl log-summary       log a dataset's tables and figures to one MLflow run
 
 Every step that trains or evaluates takes its dataset settings either from a
 study config (``--config FILE --dataset NAME``) or as inline JSON
@@ -139,6 +140,18 @@ def cmd_diagnostics(args: argparse.Namespace) -> None:
          Path(args.curves_png))
 
 
+def cmd_log_summary(args: argparse.Namespace) -> None:
+    from dcl.atomic import write_json
+
+    tracker = _tracker(args, Path(args.out).parent)
+    tracker.start(f"{args.study}_{args.dataset}_summary",
+                  tags={"stage": "summary", "study": args.study, "dataset": args.dataset})
+    for path in args.files:
+        tracker.log_artifact(Path(path))
+    tracker.finish("FINISHED")
+    write_json(Path(args.out), {"mlflow_run_id": tracker.run_id, "artifacts": args.files})
+
+
 def _add_settings(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--settings", help="dataset settings as inline JSON (as the workflow passes)")
@@ -211,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--curves-png", required=True, help="loss and q_B over epochs")
     diag.add_argument("results", nargs="*", help="pretrain.json files of the runs")
     diag.set_defaults(func=cmd_diagnostics)
+
+    summary = commands.add_parser("log-summary", help="log tables and figures to a summary MLflow run")
+    summary.add_argument("--dataset", required=True)
+    _add_tracking(summary)
+    summary.add_argument("--out", required=True, help="JSON file recording the summary run id")
+    summary.add_argument("files", nargs="+", help="tables and figures to log as artifacts")
+    summary.set_defaults(func=cmd_log_summary)
     return parser
 
 

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # The history's "loss" (a value) is renamed "train_loss" so it cannot shadow the run's
 # "loss" (the loss name).
-HISTORY_KEYS = ("lr", "q_b_mean", "q_b_median", "q_b_p10", "q_b_p90", "pos_sim", "neg_sim")
+HISTORY_KEYS = ("knn_monitor_top1", "lr", "q_b_mean", "q_b_median", "q_b_p10", "q_b_p90", "pos_sim", "neg_sim")
 
 
 def load_histories(paths: Iterable[Path]) -> pd.DataFrame:
@@ -81,23 +81,29 @@ def plot_npc(histories: pd.DataFrame, losses: list[str], path: Path, title: str)
     _save(figure, path)
 
 
+CURVE_ROWS = (("train_loss", "pretraining loss"), ("q_b_median", "median q_B"),
+              ("knn_monitor_top1", "kNN monitor top-1 (%)"))
+
+
 def plot_curves(histories: pd.DataFrame, losses: list[str], path: Path, title: str) -> None:
-    """Pretraining loss (top row) and median q_B (bottom row) over epochs, one line per batch size."""
-    figure = Figure(figsize=(4 * len(losses), 6.4))
-    axes = figure.subplots(2, len(losses), sharex=True, squeeze=False)
+    """Loss, median q_B and kNN monitor top-1 over epochs (one row each), one line per batch size."""
+    figure = Figure(figsize=(4 * len(losses), 9))
+    axes = figure.subplots(len(CURVE_ROWS), len(losses), sharex=True, squeeze=False)
+    columns = [key for key, _ in CURVE_ROWS]
     for column, loss in enumerate(losses):
         runs = histories[histories["loss"] == loss] if not histories.empty else histories
         if not runs.empty:
-            mean = runs.groupby(["batch_size", "epoch"])[["train_loss", "q_b_median"]].mean().reset_index()
+            mean = runs.groupby(["batch_size", "epoch"])[columns].mean().reset_index()
             for batch, curve in mean.groupby("batch_size"):
-                axes[0][column].plot(curve["epoch"], curve["train_loss"], marker="o", label=f"batch {batch}")
-                axes[1][column].plot(curve["epoch"], curve["q_b_median"], marker="o", label=f"batch {batch}")
+                for row, key in enumerate(columns):
+                    points = curve.dropna(subset=[key])
+                    axes[row][column].plot(points["epoch"], points[key], marker="o", label=f"batch {batch}")
         axes[0][column].set_title(LOSS_DISPLAY_NAMES.get(loss, loss))
-        axes[1][column].set_xlabel("epoch")
-        for row in (0, 1):
+        axes[-1][column].set_xlabel("epoch")
+        for row in range(len(CURVE_ROWS)):
             axes[row][column].grid(alpha=0.3)
-    axes[0][0].set_ylabel("pretraining loss")
-    axes[1][0].set_ylabel("median q_B")
+    for row, (_, label) in enumerate(CURVE_ROWS):
+        axes[row][0].set_ylabel(label)
     _legend(axes[0], fontsize="small")
     figure.suptitle(title)
     _save(figure, path)

@@ -22,13 +22,14 @@ from dcl.atomic import atomic_path
 from dcl.augment import eval_transform
 from dcl.datasets import load_cache
 from dcl.models import ModelConfig, build_backbone
-from dcl.train import default_device
+from dcl.device import default_device
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def _embed(backbone: nn.Module, images: torch.Tensor, image_size: int, batch_size: int) -> torch.Tensor:
+def embed(backbone: nn.Module, images: torch.Tensor, image_size: int, batch_size: int = 512) -> torch.Tensor:
+    """Backbone features (float32, on the CPU) of uint8 (N, 3, H, W) images, in batches."""
     device = next(backbone.parameters()).device
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc="features", mininterval=10, leave=False):
@@ -49,7 +50,7 @@ def extract_features(settings: dict, weights: Path, cache: Path, out: Path,
     arrays = {}
     for split in ("train", "test"):
         images = torch.from_numpy(data[f"{split}_images"])
-        arrays[f"{split}_features"] = _embed(backbone, images, size, batch_size).numpy()
+        arrays[f"{split}_features"] = embed(backbone, images, size, batch_size).numpy()
         arrays[f"{split}_labels"] = data[f"{split}_labels"]
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as handle:

@@ -11,6 +11,7 @@ on "database is locked" or on a race to create the same experiment.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import random
 import subprocess
@@ -36,6 +37,34 @@ def _retry(action: Callable[[], T], what: str) -> T:
             log.warning("MLflow %s failed (%s); retry %d in %.1f s", what, error, attempt + 1, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix):]) if uri.startswith(prefix) else None
+
+
+def _open_client(uri: str):
+    """Create an MlflowClient and make sure its store's schema exists.
+
+    MLflow creates or migrates a sqlite schema on first use; two processes doing
+    that at once on a fresh file fail ("Online migration expected to match one
+    row"). An exclusive lock on ``<db>.lock`` serialises that first use.
+    """
+    from mlflow.tracking import MlflowClient
+
+    database = _sqlite_file(uri)
+    if database is None:
+        return MlflowClient(tracking_uri=uri)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            _retry(lambda: client.search_experiments(max_results=1), "open sqlite store")
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
 
 
 def git_commit() -> str | None:
@@ -78,9 +107,7 @@ class Tracker:
         self.run_id: str | None = None
         self._client = None
         if uri is not None:
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=uri)
+            self._client = _open_client(uri)
 
     @property
     def enabled(self) -> bool:

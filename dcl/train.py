@@ -20,7 +20,9 @@ from tqdm import tqdm
 from dcl import checkpoint
 from dcl.atomic import atomic_path, write_json
 from dcl.augment import AugmentConfig, SimCLRAugment
-from dcl.datasets import load_cache
+from dcl.datasets import balanced_indices, load_cache
+from dcl.device import default_device
+from dcl.evaluate import embed, knn_classify
 from dcl.losses import build_loss, npc_multiplier
 from dcl.models import ModelConfig, SimCLRModel
 from dcl.optim import build_optimizer, scaled_lr, warmup_cosine
@@ -31,11 +33,6 @@ log = logging.getLogger(__name__)
 
 class DivergenceError(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def default_device() -> torch.device:
-    """The first CUDA device when one is visible, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run_name(run: dict[str, Any]) -> str:
@@ -67,7 +64,9 @@ class Pretrainer:
         self.settings, self.run, self.run_dir, self.tracker = settings, run, Path(run_dir), tracker
         self.device = default_device()
         # The uint8 training set lives on the training device; batches are gathered there.
-        self.images = torch.from_numpy(load_cache(cache)["train_images"]).to(self.device)
+        data = load_cache(cache)
+        self.images = torch.from_numpy(data["train_images"]).to(self.device)
+        self.monitor = _monitor_split(data, settings["pretrain"])
         self.batch_size = run["batch_size"]
         self.steps_per_epoch = len(self.images) // self.batch_size
         if self.steps_per_epoch < 1:
@@ -158,6 +157,20 @@ class Pretrainer:
             "seconds": seconds,
         }
 
+    def knn_monitor(self) -> float:
+        """Weighted kNN top-1 of the current backbone on the fixed monitor subset."""
+        knn = self.settings["knn"]
+        size = self.settings["augment"]["image_size"]
+        self.model.eval()
+        features = {
+            "train_features": embed(self.model.backbone, self.monitor["train_images"], size),
+            "train_labels": self.monitor["train_labels"],
+            "test_features": embed(self.model.backbone, self.monitor["test_images"], size),
+            "test_labels": self.monitor["test_labels"],
+        }
+        self.model.train()
+        return knn_classify(features, knn["k"], knn["temperature"])["top1"]
+
     def train_epoch(self) -> dict[str, float]:
         started = time.perf_counter()
         self.model.train()
@@ -173,9 +186,12 @@ class Pretrainer:
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
         self.epoch += 1
-        seconds = time.perf_counter() - started
-        self.elapsed += seconds
-        return self._epoch_summary(losses, stats, seconds)
+        summary = self._epoch_summary(losses, stats, time.perf_counter() - started)
+        every = self.settings["pretrain"]["knn_monitor_every"]
+        if every and (self.epoch % every == 0 or self.epoch == self.run["epochs"]):
+            summary["knn_monitor_top1"] = self.knn_monitor()
+        self.elapsed += time.perf_counter() - started
+        return summary
 
     def fit(self) -> dict[str, Any]:
         """Train to the configured number of epochs, resuming if a checkpoint exists."""
@@ -215,6 +231,18 @@ class Pretrainer:
         self.tracker.finish("FINISHED")
         write_json(self.run_dir / "pretrain.json", result)
         return result
+
+
+def _monitor_split(data: dict, settings: dict) -> dict[str, torch.Tensor]:
+    """Fixed class-balanced subsets of both splits for the kNN monitor (at most the split's size)."""
+    subset = {}
+    for split in ("train", "test"):
+        labels = data[f"{split}_labels"]
+        count = min(settings[f"knn_monitor_{split}"], len(labels))
+        index = balanced_indices(labels, count)
+        subset[f"{split}_images"] = torch.from_numpy(data[f"{split}_images"][index])
+        subset[f"{split}_labels"] = torch.from_numpy(labels[index])
+    return subset
 
 
 def _tags(run: dict[str, Any]) -> dict[str, str]:

@@ -101,6 +101,13 @@ def test_pretrain_json_history(finished):
             assert math.isfinite(entry[key]), (entry["epoch"], key)
 
 
+def test_knn_monitor_every_epoch(finished):
+    history = json.loads((finished / "pretrain.json").read_text())["history"]
+
+    for entry in history:
+        assert 0 <= entry["knn_monitor_top1"] <= 100
+
+
 def test_pretrain_json_final_loss(finished):
     result = json.loads((finished / "pretrain.json").read_text())
 

@@ -47,18 +47,35 @@ def test_smoke_mlflow_holds_runs(smoke_run):
     experiment = client.get_experiment_by_name("smoke/cifar10")
     runs = client.search_runs([experiment.experiment_id], max_results=100)
     stages = [run.data.tags["stage"] for run in runs]
-    assert sorted(stages) == sorted(["pretrain", "linear", "knn"] * 6)
+    assert sorted(stages) == sorted(["pretrain", "linear", "knn"] * 6 + ["summary"])
     assert {run.info.status for run in runs} == {"FINISHED"}
 
     pretrain_ids = {run.info.run_id for run in runs if run.data.tags["stage"] == "pretrain"}
     for run in runs:
+        if run.data.tags["stage"] == "summary":
+            continue
         if run.data.tags["stage"] == "pretrain":
             history = client.get_metric_history(run.info.run_id, "loss")
             assert [point.step for point in history] == [1]
             assert "q_b_mean" in run.data.metrics
+            assert "knn_monitor_top1" in run.data.metrics
+            assert run.data.tags["mlflow.source.git.commit"]
         else:
             assert run.data.tags["mlflow.parentRunId"] in pretrain_ids
             assert f"{run.data.tags['stage']}_top1" in run.data.metrics
+
+
+@pytest.mark.slow
+@needs_cifar10
+def test_smoke_summary_run_has_artifacts(smoke_run):
+    from mlflow.tracking import MlflowClient
+
+    root, _ = smoke_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("smoke/cifar10")
+    summary = client.search_runs([experiment.experiment_id], "tags.stage = 'summary'")[0]
+    names = {item.path for item in client.list_artifacts(summary.info.run_id)}
+    assert {"cifar10_top1.csv", "cifar10_batch_size.png", "cifar10_npc.png"} <= names
 
 
 @pytest.mark.slow

@@ -75,4 +75,6 @@ def all_targets():
             f"{ROOT}/figures/{dataset}_npc.png",
             f"{ROOT}/figures/{dataset}_curves.png",
         ]
+        if TRACKING != "none":
+            targets.append(f"{ROOT}/tables/{dataset}_mlflow_summary.json")
     return targets

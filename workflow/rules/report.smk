@@ -47,3 +47,22 @@ rule diagnostics:
     shell:
         "{DCL} diagnostics --dataset {wildcards.dataset} --losses {LOSS_NAMES} "
         "--npc-png {output.npc:q} --curves-png {output.curves:q} {input:q} > {log:q} 2>&1"
+
+
+rule track_summary:
+    input:
+        ROOT + "/tables/{dataset}_top1.csv",
+        ROOT + "/tables/{dataset}_top1.md",
+        ROOT + "/tables/{dataset}_knn_top1.csv",
+        ROOT + "/figures/{dataset}_batch_size.png",
+        ROOT + "/figures/{dataset}_knn_batch_size.png",
+        ROOT + "/figures/{dataset}_npc.png",
+        ROOT + "/figures/{dataset}_curves.png",
+    output:
+        ROOT + "/tables/{dataset}_mlflow_summary.json",
+    log:
+        ROOT + "/logs/aggregate/{dataset}_mlflow_summary.log",
+    shell:
+        "{DCL} log-summary --dataset {wildcards.dataset} --study {config[study]} "
+        "--tracking-uri {TRACKING:q} --artifact-root {ARTIFACTS:q} --out {output:q} "
+        "{input:q} > {log:q} 2>&1"
