@@ -8,6 +8,10 @@ PYTHON ?= python3
 VENV ?= .venv
 DCL_DATA_ROOT ?= data
 export DCL_DATA_ROOT
+# Idle OpenMP threads sleep instead of spinning: on a small shared CPU, spinning
+# threads made a training step up to ten times slower whenever another process ran.
+OMP_WAIT_POLICY ?= PASSIVE
+export OMP_WAIT_POLICY
 PYTEST_ARGS ?=
 
 .PHONY: setup reproduce test smoke clean-smoke
