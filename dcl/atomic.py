@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+# The temporary name atomic_path uses: .{name}.tmp-{pid}-{8 hex digits}
+TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-\d+-[0-9a-f]{8}$")
 
 
 def _fsync_file(path: Path) -> None:
@@ -74,3 +78,23 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` to ``path`` atomically as JSON with indent 2, keys in insertion order and a final newline."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def remove_temporaries(folder: str | os.PathLike[str], names: tuple[str, ...] | None = None) -> list[Path]:
+    """Delete the temporary files that killed writers left in ``folder`` and return their paths.
+
+    A process killed inside :func:`atomic_path` cannot remove its temporary file.
+    Call this only where no other process is writing the same files, e.g. in a run
+    folder before the run starts. ``names`` limits it to the temporaries of those
+    final names; None removes every temporary in the folder.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        match = TEMPORARY.match(path.name)
+        if match and (names is None or match.group("name") in names) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

@@ -244,9 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ValueError, FileNotFoundError) as error:
         log.error("%s", error)
         return 2
+    except OSError as error:
+        log.error("%s: check that the path exists, is writable and its disk is not full, "
+                  "then rerun", error)
+        return 2
     except Exception as error:  # noqa: BLE001 - report any other failure with its type
+        # Imported here: these modules load torch, which the light commands never need.
+        from dcl.checkpoint import CheckpointError
         from dcl.train import DivergenceError
 
+        if isinstance(error, CheckpointError):
+            log.error("%s", error)
+            return 2
         if isinstance(error, DivergenceError):
             log.error("%s", error)
             return 3

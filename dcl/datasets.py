@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -191,10 +192,35 @@ def build_cache(
     return out
 
 
+CACHE_KEYS = ("train_images", "train_labels", "test_images", "test_labels", "classes")
+
+
 def load_cache(path: Path) -> dict[str, np.ndarray]:
-    """Load a cache written by :func:`build_cache` into memory."""
+    """Load a cache written by :func:`build_cache` into memory.
+
+    Raises:
+        DataError: the file is missing, unreadable, or lacks an array or has a wrong
+            image array; the message names the file and how to rebuild it.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"dataset cache {path} not found: run 'dcl prepare-data' first")
-    with np.load(path) as data:
-        return {key: data[key] for key in data.files}
+    rebuild = "delete it and rerun 'dcl prepare-data' (or the workflow) to rebuild it"
+    try:
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"dataset cache {path} is unreadable ({error}): {rebuild}") from error
+    missing = [key for key in CACHE_KEYS if key not in arrays]
+    if missing:
+        raise DataError(f"dataset cache {path} lacks {missing}: {rebuild}")
+    for split in ("train", "test"):
+        images = arrays[f"{split}_images"]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise DataError(
+                f"dataset cache {path} holds {split}_images of dtype {images.dtype} and shape "
+                f"{images.shape}, not uint8 (N, 3, H, W): {rebuild}")
+        if len(arrays[f"{split}_labels"]) != len(images):
+            raise DataError(f"dataset cache {path} has {len(images)} {split} images but "
+                            f"{len(arrays[f'{split}_labels'])} labels: {rebuild}")
+    return arrays

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRIES = 8
+TOKEN_TAG = "dcl.run_token"
 
 
 def _retry(action: Callable[[], T], what: str) -> T:
@@ -105,6 +106,7 @@ class Tracker:
         self.experiment = experiment
         self.artifact_root = artifact_root
         self.run_id: str | None = None
+        self.created = False  # whether start() created the run rather than reopening one
         self._client = None
         if uri is not None:
             self._client = _open_client(uri)
@@ -123,18 +125,55 @@ class Tracker:
 
         return _retry(get_or_create, f"get-or-create experiment {self.experiment!r}")
 
+    def _find_run(self, token: str) -> str | None:
+        """Return the id of the run tagged ``dcl.run_token = token`` in this experiment, or None."""
+        experiment_id = self._experiment_id()
+        runs = _retry(lambda: self._client.search_runs(
+            [experiment_id], filter_string=f"tags.`{TOKEN_TAG}` = '{token}'", max_results=1),
+            "find run by token")
+        return runs[0].info.run_id if runs else None
+
+    def _exists(self, run_id: str) -> bool:
+        """Return whether ``run_id`` is an active run of this store (False if missing or deleted)."""
+        from mlflow.exceptions import MlflowException
+
+        def look_up() -> bool:
+            try:
+                return self._client.get_run(run_id).info.lifecycle_stage == "active"
+            except MlflowException as error:
+                if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    return False
+                raise
+
+        return _retry(look_up, f"look up run {run_id}")
+
     def start(self, run_name: str, tags: dict[str, str] | None = None,
-              resume_run_id: str | None = None) -> str | None:
-        """Start a run, or reopen ``resume_run_id`` (status set back to RUNNING)."""
+              resume_run_id: str | None = None, token: str | None = None) -> str | None:
+        """Start a run, or reopen one (status set back to RUNNING).
+
+        The run reopened is ``resume_run_id`` if the store still has it, else the run
+        tagged with ``token``.
+        A new run is tagged with ``token``: a caller that keeps the token on disk
+        before calling finds its run again after being killed, even when it was
+        killed before it could record the run id.
+        """
         if not self.enabled:
             return None
+        if resume_run_id and not self._exists(resume_run_id):
+            log.warning("MLflow run %s is not in %s (store replaced, or run deleted); starting a "
+                        "new run for %s", resume_run_id, self.uri, run_name)
+            resume_run_id = None
+        if not resume_run_id and token:
+            resume_run_id = self._find_run(token)
         if resume_run_id:
             _retry(lambda: self._client.update_run(resume_run_id, status="RUNNING"), "resume run")
-            self.run_id = resume_run_id
+            self.run_id, self.created = resume_run_id, False
             log.info("resumed MLflow run %s (%s)", resume_run_id, run_name)
             return self.run_id
         experiment_id = self._experiment_id()
         tags = dict(tags or {})
+        if token:
+            tags[TOKEN_TAG] = token
         commit = git_commit()
         if commit:
             tags.setdefault("mlflow.source.git.commit", commit)
@@ -142,7 +181,7 @@ class Tracker:
             lambda: self._client.create_run(experiment_id, run_name=run_name, tags=tags),
             "create run",
         )
-        self.run_id = run.info.run_id
+        self.run_id, self.created = run.info.run_id, True
         log.info("started MLflow run %s (%s) in experiment %r", self.run_id, run_name, self.experiment)
         return self.run_id
 
@@ -164,6 +203,14 @@ class Tracker:
         now = int(time.time() * 1000)
         items = [Metric(key, float(value), now, step) for key, value in metrics.items()]
         _retry(lambda: self._client.log_batch(self.run_id, metrics=items), "log metrics")
+
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps at which metric ``key`` is recorded in this run (empty when disabled)."""
+        if not self.enabled or not self.run_id:
+            return set()
+        history = _retry(lambda: self._client.get_metric_history(self.run_id, key),
+                         f"read history of {key!r}")
+        return {point.step for point in history}
 
     def log_artifact(self, path: Path) -> None:
         if self.enabled:

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import logging
 import math
+import random
+import secrets
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from dcl import checkpoint
-from dcl.atomic import atomic_path, write_json
+from dcl.atomic import atomic_path, remove_temporaries, write_json, write_text
 from dcl.augment import AugmentConfig, SimCLRAugment
 from dcl.datasets import balanced_indices, load_cache
 from dcl.device import default_device
@@ -29,6 +32,13 @@ from dcl.optim import build_optimizer, scaled_lr, warmup_cosine
 from dcl.tracking import Tracker
 
 log = logging.getLogger(__name__)
+
+# Settings a checkpoint must share with the run that resumes from it: everything that
+# changes the trained weights or the recorded history. Evaluation settings and
+# pretrain.checkpoints_kept may change between attempts.
+COMPARED_SETTINGS = ("train_subset", "model", "augment", "loss", "pretrain")
+COMPARED_RUN = ("dataset", "loss", "backbone", "width", "batch_size", "epochs", "seed")
+OUTPUTS = ("backbone.pt", "settings.json", "pretrain.json")
 
 
 class DivergenceError(RuntimeError):
@@ -61,6 +71,10 @@ class Pretrainer:
                  tracker: Tracker, threads: int) -> None:
         torch.set_num_threads(threads)
         torch.manual_seed(run["seed"])
+        # Training does not use these generators yet. They are seeded and checkpointed so
+        # that any future use resumes exactly.
+        random.seed(run["seed"])
+        np.random.seed(run["seed"])
         self.settings, self.run, self.run_dir, self.tracker = settings, run, Path(run_dir), tracker
         self.device = default_device()
         # The uint8 training set lives on the training device; batches are gathered there.
@@ -95,12 +109,18 @@ class Pretrainer:
 
     # -- checkpoints -------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        """Return everything a resumed run needs to continue bit-identically (tensors and plain values)."""
         return {
-            "epoch": self.epoch, "model": self.model.state_dict(),
+            "epoch": self.epoch, "step": self.epoch * self.steps_per_epoch,
+            "model": self.model.state_dict(),  # backbone and projector
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "sampler_rng": self.sampler_rng.get_state(), "augment_rng": self.augment_rng.get_state(),
-            "torch_rng": torch.get_rng_state(), "history": self.history,
-            "elapsed": self.elapsed, "mlflow_run_id": self.tracker.run_id or "",
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python_rng": random.getstate(), "numpy_rng": _numpy_rng_state(),
+            "history": self.history, "elapsed": self.elapsed,
+            "mlflow_run_id": self.tracker.run_id or "",
+            "run": self.run, "settings": self.settings,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -112,8 +132,35 @@ class Pretrainer:
         self.sampler_rng.set_state(state["sampler_rng"])
         self.augment_rng.set_state(state["augment_rng"])
         torch.set_rng_state(state["torch_rng"])
+        cuda_rng = state.get("cuda_rng") or []
+        if cuda_rng and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_rng)
+        if "python_rng" in state:  # absent from checkpoints of earlier versions
+            random.setstate(_as_tuples(state["python_rng"]))
+        if "numpy_rng" in state:
+            _set_numpy_rng_state(state["numpy_rng"])
         self.history = list(state["history"])
         self.elapsed = float(state["elapsed"])
+
+    def resume_from(self, state: dict[str, Any], path: Path) -> None:
+        """:meth:`restore` a checkpoint after checking that it belongs to this run.
+
+        Raises:
+            checkpoint.CheckpointError: naming ``path``, what differs and the fix.
+        """
+        start_over = (f"Rerun with the settings it was written with, or delete {path.parent} "
+                      "to start this run over.")
+        differences = _differences(state, self.settings, self.run)
+        if differences:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} was written with other settings ({'; '.join(differences)}). "
+                + start_over)
+        try:
+            self.restore(state)
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} does not fit this run ({type(error).__name__}: "
+                f"{str(error)[:300]}). " + start_over) from error
 
     # -- training ----------------------------------------------------------
     def _step(self, batch: torch.Tensor, global_step: int, stats: dict, record_qb: bool) -> float:
@@ -194,29 +241,49 @@ class Pretrainer:
         return summary
 
     def fit(self) -> dict[str, Any]:
-        """Train to the configured number of epochs, resuming if a checkpoint exists."""
+        """Train to the configured number of epochs, resuming if a checkpoint exists.
+
+        A rerun after a kill continues the same MLflow run. It asks MLflow which epochs
+        it has recorded, logs the checkpointed epochs that are missing and skips the rest.
+        """
         folder = self.run_dir / "checkpoints"
+        checkpoint.prepare_folder(folder)
+        remove_temporaries(self.run_dir, OUTPUTS)
         state = checkpoint.load_latest(folder)
         if state is not None:
-            self.restore(state)
+            self.resume_from(state, checkpoint.checkpoint_path(folder, state["epoch"]))
         self.tracker.start(run_name(self.run), tags=_tags(self.run),
-                           resume_run_id=(state or {}).get("mlflow_run_id") or None)
-        if state is None:
-            self.tracker.log_params({"run": self.run, "settings": self.settings, "lr": self.lr})
+                           resume_run_id=(state or {}).get("mlflow_run_id") or None,
+                           token=_run_token(folder) if self.tracker.enabled else None)
         try:
+            if state is None or self.tracker.created:
+                self.tracker.log_params({"run": self.run, "settings": self.settings, "lr": self.lr})
+            logged = self.tracker.logged_steps("loss")
+            missing = [summary for summary in self.history if summary["epoch"] not in logged]
+            if self.tracker.enabled and missing:
+                for summary in missing:
+                    self.tracker.log_metrics(_metrics(summary), step=summary["epoch"])
+                log.info("logged the metrics of epoch(s) %s, which an earlier attempt checkpointed "
+                         "but did not log", ", ".join(str(s["epoch"]) for s in missing))
             while self.epoch < self.run["epochs"]:
                 summary = self.train_epoch()
                 self.history.append(summary)
                 checkpoint.save(folder, self.epoch, self.state())
                 checkpoint.prune(folder, self.settings["pretrain"]["checkpoints_kept"])
-                metrics = {k: v for k, v in summary.items() if k != "epoch"}
-                self.tracker.log_metrics(metrics, step=self.epoch)
-                log.info("%s epoch %d: %s", run_name(self.run), self.epoch,
-                         ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                # An epoch retrained after its checkpoint was lost may already be in MLflow.
+                self._log_epoch(summary, send=summary["epoch"] not in logged)
+            return self.finish()
         except BaseException:
             self.tracker.finish("FAILED")
             raise
-        return self.finish()
+
+    def _log_epoch(self, summary: dict[str, float], send: bool) -> None:
+        """Log one epoch's metrics, and send them to MLflow in one batch (step = epoch) if ``send``."""
+        metrics = _metrics(summary)
+        if send:
+            self.tracker.log_metrics(metrics, step=summary["epoch"])
+        log.info("%s epoch %d: %s", run_name(self.run), summary["epoch"],
+                 ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     def finish(self) -> dict[str, Any]:
         with atomic_path(self.run_dir / "backbone.pt") as tmp:
@@ -243,6 +310,63 @@ def _monitor_split(data: dict, settings: dict) -> dict[str, torch.Tensor]:
         subset[f"{split}_images"] = torch.from_numpy(data[f"{split}_images"][index])
         subset[f"{split}_labels"] = torch.from_numpy(labels[index])
     return subset
+
+
+def _metrics(summary: dict[str, float]) -> dict[str, float]:
+    """Return an epoch summary without its epoch number, which is the metrics' step."""
+    return {key: value for key, value in summary.items() if key != "epoch"}
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    """Return NumPy's global RNG state as tensors and numbers, which weights-only loading accepts."""
+    name, key, position, has_gauss, gauss = np.random.get_state()
+    return {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "position": int(position),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    np.random.set_state((state["name"], state["key"].numpy().astype(np.uint32), state["position"],
+                         state["has_gauss"], state["gauss"]))
+
+
+def _as_tuples(value: Any) -> Any:
+    """Convert a saved Python RNG state back into the nested tuples random.setstate expects."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuples(item) for item in value)
+    return value
+
+
+def _differences(state: dict[str, Any], settings: dict, run: dict) -> list[str]:
+    """List the settings that differ between a checkpoint and the run resuming from it."""
+    found = []
+    for source, current, keys in ((state.get("settings"), settings, COMPARED_SETTINGS),
+                                  (state.get("run"), run, COMPARED_RUN)):
+        if source is None:  # checkpoints of earlier versions did not record them
+            continue
+        for key in keys:
+            old, new = source.get(key), current.get(key)
+            if key == "pretrain" and isinstance(old, dict) and isinstance(new, dict):
+                old = {k: v for k, v in old.items() if k != "checkpoints_kept"}
+                new = {k: v for k, v in new.items() if k != "checkpoints_kept"}
+            if old != new:
+                found.append(f"{key}: {old!r} in the checkpoint, {new!r} now")
+    return found
+
+
+def _run_token(folder: Path) -> str:
+    """Return the random token that names this run folder's MLflow run, creating it if needed.
+
+    The token is kept in ``folder/mlflow_token`` and is on disk before the MLflow run
+    is created, so a process killed before its first checkpoint finds the same run again.
+    """
+    path = Path(folder) / "mlflow_token"
+    if path.is_file():
+        token = path.read_text().strip()
+        if token:
+            return token
+    token = secrets.token_hex(16)
+    write_text(path, token + "\n")
+    return token
 
 
 def _tags(run: dict[str, Any]) -> dict[str, str]:
