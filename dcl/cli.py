@@ -8,6 +8,7 @@
     dcl aggregate         tables and figures from per-run result files
     dcl diagnostics       q_B and training-curve figures from per-run histories
     dcl log-summary       log a dataset's tables and figures to one MLflow run
+    dcl launch            run any of these as a SLURM job through submitit, and wait
 
 Every step that trains or evaluates takes its dataset settings either from a
 study config (``--config FILE --dataset NAME``) or as inline JSON
@@ -152,6 +153,20 @@ def cmd_log_summary(args: argparse.Namespace) -> None:
     write_json(Path(args.out), {"mlflow_run_id": tracker.run_id, "artifacts": args.files})
 
 
+def cmd_launch(args: argparse.Namespace) -> None:
+    from dcl.launch import SlurmResources, launch
+
+    step = args.step[1:] if args.step[:1] == ["--"] else args.step
+    if not step:
+        raise ConfigError("dcl launch needs the step to run after '--', e.g. -- pretrain ...")
+    resources = SlurmResources(
+        partition=args.partition, account=args.account, qos=args.qos,
+        constraint=args.constraint, time_min=args.time_min, mem_gb=args.mem_gb,
+        cpus_per_task=args.cpus_per_task, gpus_per_node=args.gpus_per_node,
+        nodes=args.nodes, tasks_per_node=args.tasks_per_node)
+    launch(step, Path(args.job_dir), resources, cluster=args.cluster, name=args.name or step[0])
+
+
 def _add_settings(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--settings", help="dataset settings as inline JSON (as the workflow passes)")
@@ -231,6 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--out", required=True, help="JSON file recording the summary run id")
     summary.add_argument("files", nargs="+", help="tables and figures to log as artifacts")
     summary.set_defaults(func=cmd_log_summary)
+
+    job = commands.add_parser("launch", help="run a step as a SLURM job through submitit and wait")
+    job.add_argument("--job-dir", required=True, help="folder for the job's logs and id")
+    job.add_argument("--cluster", choices=["slurm", "local", "debug"], default=None,
+                     help="submitit executor (default: slurm when sbatch is found, else local)")
+    job.add_argument("--name", default=None, help="job name (default: the step)")
+    job.add_argument("--partition", default=None)
+    job.add_argument("--account", default=None)
+    job.add_argument("--qos", default=None)
+    job.add_argument("--constraint", default=None)
+    job.add_argument("--time-min", type=int, default=60, help="time limit in minutes")
+    job.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB")
+    job.add_argument("--cpus-per-task", type=int, default=2)
+    job.add_argument("--gpus-per-node", type=int, default=0)
+    job.add_argument("--nodes", type=int, default=1)
+    job.add_argument("--tasks-per-node", type=int, default=1)
+    job.add_argument("step", nargs=argparse.REMAINDER, help="-- then the dcl step and its arguments")
+    job.set_defaults(func=cmd_launch)
     return parser
 
 
@@ -259,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, DivergenceError):
             log.error("%s", error)
             return 3
+        if type(error).__name__ == "LaunchError":
+            log.error("%s", error)
+            return 4
         raise
     return 0
 

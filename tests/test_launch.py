@@ -1,0 +1,108 @@
+"""The submitit launcher: local and debug executors, and a real SLURM cluster when one runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from dcl.cli import main
+from dcl.launch import LaunchError, SlurmResources, StepTask, _with_job_threads, launch
+
+
+def write_result(folder, loss, batch, top1):
+    run = {"study": "t", "dataset": "cifar10", "loss": loss, "backbone": "resnet18", "width": 2,
+           "batch_size": batch, "epochs": 1, "seed": 0}
+    path = folder / f"{loss}_{batch}.json"
+    path.write_text(json.dumps({"run": run, "top1": top1}))
+    return path
+
+
+def aggregate_args(tmp_path):
+    results = [write_result(tmp_path, loss, 32, 50.0) for loss in ("infonce", "dcl")]
+    return ["aggregate", "--dataset", "cifar10", "--losses", "infonce", "dcl",
+            "--batch-sizes", "32", "--epochs", "1", "--csv", str(tmp_path / "t.csv"),
+            "--png", str(tmp_path / "t.png"), *map(str, results)]
+
+
+def test_resources_map_to_submitit_names():
+    resources = SlurmResources(partition="gpu", account="lab", qos="high", constraint="h100",
+                               time_min=120, mem_gb=64, cpus_per_task=8, gpus_per_node=4,
+                               nodes=2, tasks_per_node=4)
+    parameters = resources.executor_parameters()
+    assert parameters["slurm_partition"] == "gpu"
+    assert parameters["slurm_account"] == "lab"
+    assert parameters["slurm_qos"] == "high"
+    assert parameters["slurm_constraint"] == "h100"
+    assert parameters["gpus_per_node"] == 4
+    assert parameters["tasks_per_node"] == 4
+    assert parameters["timeout_min"] == 120
+
+
+def test_defaults_leave_cluster_choices():
+    parameters = SlurmResources().executor_parameters()
+    assert not any(key.startswith("slurm_") for key in parameters)
+    assert "gpus_per_node" not in parameters
+
+
+def test_threads_follow_slurm_cpus(monkeypatch):
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
+    assert _with_job_threads(["pretrain", "--threads", "2"]) == ["pretrain", "--threads", "6"]
+
+
+def test_checkpoint_requeues_same_command():
+    task = StepTask(["pretrain", "--seed", "1"])
+    delayed = task.checkpoint()
+    assert delayed.function.argv == ["pretrain", "--seed", "1"]
+
+
+def test_debug_executor_runs_step(tmp_path):
+    launch(aggregate_args(tmp_path), tmp_path / "job", SlurmResources(), cluster="debug")
+    assert (tmp_path / "t.csv").is_file()
+
+
+def test_failed_step_raises_with_logs(tmp_path):
+    argv = ["aggregate", "--dataset", "cifar10", "--losses", "dcl", "--batch-sizes", "32",
+            "--epochs", "1", "--csv", str(tmp_path / "t.csv"), "--png", str(tmp_path / "t.png"),
+            str(tmp_path / "missing.json")]
+    with pytest.raises(LaunchError, match="state"):
+        launch(argv, tmp_path / "job", SlurmResources(), cluster="debug")
+
+
+def test_launch_cli_needs_step(tmp_path):
+    assert main(["launch", "--job-dir", str(tmp_path / "job"), "--cluster", "debug"]) == 2
+
+
+@pytest.mark.slow
+def test_local_executor_subprocess(tmp_path):
+    code = main(["launch", "--job-dir", str(tmp_path / "job"), "--cluster", "local", "--",
+                 *aggregate_args(tmp_path)])
+    assert code == 0
+    assert (tmp_path / "t.png").is_file()
+
+
+def slurm_idle() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    states = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
+    return states.returncode == 0 and any(s in states.stdout for s in ("idle", "mix"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not slurm_idle(), reason="no SLURM cluster answers sinfo (start one with slurm/local-cluster.sh start)")
+def test_slurm_job_visible_in_sacct(tmp_path):
+    job_dir = tmp_path / "job"
+    code = subprocess.run(
+        [sys.executable, "-m", "dcl", "launch", "--job-dir", str(job_dir), "--cluster", "slurm",
+         "--cpus-per-task", "1", "--time-min", "5", "--", *aggregate_args(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    ).returncode
+    job_id = (job_dir / "job_id").read_text().strip()
+    accounting = subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "State"],
+                                capture_output=True, text=True, timeout=30).stdout
+    assert code == 0
+    assert "COMPLETED" in accounting
+    assert (tmp_path / "t.csv").is_file()
