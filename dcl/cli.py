@@ -164,7 +164,21 @@ def cmd_launch(args: argparse.Namespace) -> None:
         constraint=args.constraint, time_min=args.time_min, mem_gb=args.mem_gb,
         cpus_per_task=args.cpus_per_task, gpus_per_node=args.gpus_per_node,
         nodes=args.nodes, tasks_per_node=args.tasks_per_node)
-    launch(step, Path(args.job_dir), resources, cluster=args.cluster, name=args.name or step[0])
+    launch(step, _job_dir(args.job_dir, step), resources, cluster=args.cluster,
+           name=args.name or step[0])
+
+
+def _job_dir(requested: str, step: list[str]) -> Path:
+    """The job folder; "auto" puts it beside the step's outputs: <run-dir>/slurm/<step>."""
+    if requested != "auto":
+        return Path(requested)
+    for flag in ("--run-dir", "--out"):
+        if flag in step and step.index(flag) + 1 < len(step):
+            value = Path(step[step.index(flag) + 1])
+            base = value if flag == "--run-dir" else value.parent
+            suffix = "" if flag == "--run-dir" else f"-{value.stem}"
+            return base / "slurm" / f"{step[0]}{suffix}"
+    raise ConfigError(f"--job-dir auto needs --run-dir or --out in the step: {' '.join(step)}")
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
@@ -248,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     summary.set_defaults(func=cmd_log_summary)
 
     job = commands.add_parser("launch", help="run a step as a SLURM job through submitit and wait")
-    job.add_argument("--job-dir", required=True, help="folder for the job's logs and id")
+    job.add_argument("--job-dir", required=True,
+                     help="folder for the job's logs and id; 'auto': <run-dir>/slurm/<step>")
     job.add_argument("--cluster", choices=["slurm", "local", "debug"], default=None,
                      help="submitit executor (default: slurm when sbatch is found, else local)")
     job.add_argument("--name", default=None, help="job name (default: the step)")

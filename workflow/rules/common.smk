@@ -15,6 +15,34 @@ GRID = config["grid"]
 DCL = f"{shlex.quote(sys.executable)} -m dcl"
 TRACKING = tracking_uri(config) or "none"
 ARTIFACTS = f"{ROOT}/mlartifacts"
+SLURM = config["launcher"] == "slurm"
+# Under SLURM a rule is a local job that only waits for its submitted job.
+LOCAL_THREADS = 1 if SLURM else config["threads"]
+
+
+def launch_prefix(kind):
+    """``launch [resources] --`` before a dcl step when the launcher is SLURM, else nothing.
+
+    Not a rule parameter: switching launchers must not rerun finished jobs.
+    """
+    if not SLURM:
+        return ""
+    slurm = config["slurm"]
+    job = slurm[kind]
+    words = ["launch", "--job-dir", "auto", "--time-min", str(job["time_min"]),
+             "--cpus-per-task", str(job["cpus_per_task"]),
+             "--gpus-per-node", str(job["gpus_per_node"]), "--nodes", str(job["nodes"])]
+    if job["mem_gb"]:
+        words += ["--mem-gb", str(job["mem_gb"])]
+    for name in ("partition", "account", "qos", "constraint"):
+        if slurm[name]:
+            words += [f"--{name}", shlex.quote(str(slurm[name]))]
+    return " ".join(words) + " -- "
+
+
+LAUNCH_PREPARE = launch_prefix("prepare_data")
+LAUNCH_PRETRAIN = launch_prefix("pretrain")
+LAUNCH_EVALUATE = launch_prefix("evaluate")
 
 # One run folder per grid cell; every segment is a key=value-free literal, so no
 # wildcard can be split two ways.

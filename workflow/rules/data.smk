@@ -14,9 +14,9 @@ rule prepare_data:
             if dataset_settings(w.dataset)["test_subset"] else ""
         ),
         download="--allow-download" if config["allow_download"] else "",
-    threads: config["threads"]
+    threads: LOCAL_THREADS
     log:
         ROOT + "/logs/prepare_data/{dataset}.log",
     shell:
-        "{DCL} prepare-data --dataset {wildcards.dataset} --data-root {params.data_dir:q} "
+        "{DCL} {LAUNCH_PREPARE}prepare-data --dataset {wildcards.dataset} --data-root {params.data_dir:q} "
         "--out {output:q} {params.subsets}{params.download} --threads {threads} > {log:q} 2>&1"

@@ -10,11 +10,11 @@ rule extract_features:
     params:
         settings=settings_arg,
         run_dir=run_dir,
-    threads: config["threads"]
+    threads: LOCAL_THREADS
     log:
         RUN + "/features.log",
     shell:
-        "{DCL} extract-features --settings {params.settings} --dataset {wildcards.dataset} "
+        "{DCL} {LAUNCH_EVALUATE}extract-features --settings {params.settings} --dataset {wildcards.dataset} "
         "--run-dir {params.run_dir:q} --cache {input.cache:q} --threads {threads} > {log:q} 2>&1"
 
 
@@ -27,11 +27,11 @@ rule linear_eval:
     params:
         settings=settings_arg,
         run_dir=run_dir,
-    threads: config["threads"]
+    threads: LOCAL_THREADS
     log:
         RUN + "/linear.log",
     shell:
-        "{DCL} linear-eval --settings {params.settings} --dataset {wildcards.dataset} "
+        "{DCL} {LAUNCH_EVALUATE}linear-eval --settings {params.settings} --dataset {wildcards.dataset} "
         "--run-dir {params.run_dir:q} --study {config[study]} --tracking-uri {TRACKING:q} "
         "--artifact-root {ARTIFACTS:q} --threads {threads} > {log:q} 2>&1"
 
@@ -45,10 +45,10 @@ rule knn:
     params:
         settings=settings_arg,
         run_dir=run_dir,
-    threads: config["threads"]
+    threads: LOCAL_THREADS
     log:
         RUN + "/knn.log",
     shell:
-        "{DCL} knn --settings {params.settings} --dataset {wildcards.dataset} "
+        "{DCL} {LAUNCH_EVALUATE}knn --settings {params.settings} --dataset {wildcards.dataset} "
         "--run-dir {params.run_dir:q} --study {config[study]} --tracking-uri {TRACKING:q} "
         "--artifact-root {ARTIFACTS:q} --threads {threads} > {log:q} 2>&1"
