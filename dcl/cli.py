@@ -59,6 +59,9 @@ def _tracker(args: argparse.Namespace, run_dir: Path):
 
     uri = None if args.tracking_uri in (None, "none") else args.tracking_uri
     artifacts = Path(args.artifact_root) if args.artifact_root else None
+    if artifacts is None and uri and uri.startswith("sqlite:///"):
+        # Without this MLflow would write artifacts to ./mlruns of the working folder.
+        artifacts = Path(uri[len("sqlite:///"):]).parent / "mlartifacts"
     return Tracker(uri, f"{args.study}/{args.dataset}", artifact_root=artifacts)
 
 
@@ -73,9 +76,11 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from dcl.train import pretrain
 
     settings = _settings(args)
-    for name in ("batch_size", "epochs"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    minimum = {"batch_size": 2, "epochs": 1}
+    for name, lowest in minimum.items():
+        if getattr(args, name) < lowest:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be >= {lowest}, got {getattr(args, name)}")
     run_dir = Path(args.run_dir)
     pretrain(settings, _run_block(args, settings), Path(args.cache), run_dir,
              _tracker(args, run_dir), args.threads)

@@ -77,8 +77,9 @@ def balanced_indices(labels: np.ndarray, count: int | None) -> np.ndarray:
         members = np.flatnonzero(labels == label)
         if len(members) < per_class:
             raise DataError(
-                f"subset asks for {per_class} images of class {label}, but only "
-                f"{len(members)} exist: lower train_subset/test_subset"
+                f"a class-balanced subset of {count} images needs {per_class} images of "
+                f"class index {label}, but the split has only {len(members)}: lower "
+                "train_subset or test_subset in the config"
             )
         chosen.append(members[:per_class])
     return np.sort(np.concatenate(chosen))

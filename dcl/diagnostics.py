@@ -16,6 +16,7 @@ from typing import Iterable
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from dcl.atomic import atomic_path
 from dcl.report import LOSS_DISPLAY_NAMES
@@ -100,6 +101,7 @@ def plot_curves(histories: pd.DataFrame, losses: list[str], path: Path, title: s
                     axes[row][column].plot(points["epoch"], points[key], marker="o", label=f"batch {batch}")
         axes[0][column].set_title(LOSS_DISPLAY_NAMES.get(loss, loss))
         axes[-1][column].set_xlabel("epoch")
+        axes[-1][column].xaxis.set_major_locator(MaxNLocator(integer=True))
         for row in range(len(CURVE_ROWS)):
             axes[row][column].grid(alpha=0.3)
     for row, (_, label) in enumerate(CURVE_ROWS):

@@ -96,6 +96,7 @@ class Pretrainer:
             detach_weight=settings["loss"]["dclw_detach_weight"],
             weight_min=settings["loss"]["dclw_weight_min"])
         self.lr = scaled_lr(opt["base_lr"], self.batch_size, opt["lr_scaling"])
+        self.last_lr = self.lr
         self.optimizer = build_optimizer(self.model, opt["optimizer"], self.lr, opt["momentum"],
                                          opt["weight_decay"], opt["lars_eta"])
         total = self.steps_per_epoch * run["epochs"]
@@ -178,6 +179,7 @@ class Pretrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         if record_qb:
             self._record_similarity(z1.detach(), z2.detach(), stats)
@@ -196,7 +198,8 @@ class Pretrainer:
         quantiles = torch.quantile(q_b, torch.tensor([0.1, 0.5, 0.9]))
         return {
             "epoch": self.epoch, "loss": sum(losses) / len(losses),
-            "lr": self.optimizer.param_groups[0]["lr"],
+            # The rate of the epoch's last step: after the final scheduler step it is 0.
+            "lr": self.last_lr,
             "q_b_mean": q_b.mean().item(), "q_b_p10": quantiles[0].item(),
             "q_b_median": quantiles[1].item(), "q_b_p90": quantiles[2].item(),
             "pos_sim": sum(stats["pos_sim"]) / max(1, len(stats["pos_sim"])),

@@ -58,14 +58,14 @@ def test_unknown_loss_exits_2(tmp_path, settings, cache, capsys):
     assert not run_dir.exists()
 
 
-@pytest.mark.parametrize("value", ["0", "-3"])
-def test_batch_size_below_one(tmp_path, settings, cache, caplog, value):
+@pytest.mark.parametrize("value", ["1", "0", "-3"])
+def test_batch_size_below_two(tmp_path, settings, cache, caplog, value):
     run_dir = tmp_path / "run"
 
     code = main(_pretrain_args(run_dir, json.dumps(settings), cache, **{"--batch-size": value}))
 
     assert code == 2
-    assert f"--batch-size must be >= 1, got {value}" in _errors(caplog)
+    assert f"--batch-size must be >= 2, got {value}" in _errors(caplog)
     assert not run_dir.exists()
 
 

@@ -117,7 +117,7 @@ def test_balanced_indices_none_keeps_all():
 def test_balanced_indices_too_few_images():
     labels = np.array([0, 0, 0, 1])
 
-    with pytest.raises(DataError, match="only 1 exist"):
+    with pytest.raises(DataError, match="has only 1"):
         balanced_indices(labels, 4)
 
 

@@ -14,6 +14,7 @@ ROOT = config["output_root"].rstrip("/")
 GRID = config["grid"]
 DCL = f"{shlex.quote(sys.executable)} -m dcl"
 TRACKING = tracking_uri(config) or "none"
+DATA_ROOT = shlex.quote(str(data_root(config)))
 ARTIFACTS = f"{ROOT}/mlartifacts"
 SLURM = config["launcher"] == "slurm"
 # Under SLURM a rule is a local job that only waits for its submitted job.

@@ -1,11 +1,12 @@
 # Decode each dataset once into a uint8 cache shared by every run of the study.
+# The data root is not a rule parameter: moving the data, or running without
+# DCL_DATA_ROOT once the cache exists, must not rebuild the cache or rerun the grid.
 
 
 rule prepare_data:
     output:
         ROOT + "/cache/{dataset}.npz",
     params:
-        data_dir=lambda w: str(data_root(config) / w.dataset),
         subsets=lambda w: (
             f"--train-subset {dataset_settings(w.dataset)['train_subset']} "
             if dataset_settings(w.dataset)["train_subset"] else ""
@@ -18,5 +19,5 @@ rule prepare_data:
     log:
         ROOT + "/logs/prepare_data/{dataset}.log",
     shell:
-        "{DCL} {LAUNCH_PREPARE}prepare-data --dataset {wildcards.dataset} --data-root {params.data_dir:q} "
+        "{DCL} {LAUNCH_PREPARE}prepare-data --dataset {wildcards.dataset} --data-root {DATA_ROOT}/{wildcards.dataset} "
         "--out {output:q} {params.subsets}{params.download} --threads {threads} > {log:q} 2>&1"
