@@ -87,10 +87,15 @@ CURVE_ROWS = (("train_loss", "pretraining loss"), ("q_b_median", "median q_B"),
 
 
 def plot_curves(histories: pd.DataFrame, losses: list[str], path: Path, title: str) -> None:
-    """Loss, median q_B and kNN monitor top-1 over epochs (one row each), one line per batch size."""
-    figure = Figure(figsize=(4 * len(losses), 9))
-    axes = figure.subplots(len(CURVE_ROWS), len(losses), sharex=True, squeeze=False)
-    columns = [key for key, _ in CURVE_ROWS]
+    """Loss, median q_B and kNN monitor top-1 over epochs (one row each), one line per batch size.
+
+    A row whose metric no run recorded (runs without the kNN monitor) is left out.
+    """
+    rows = [(key, label) for key, label in CURVE_ROWS
+            if histories.empty or histories[key].notna().any()]
+    figure = Figure(figsize=(4 * len(losses), 3 * len(rows)))
+    axes = figure.subplots(len(rows), len(losses), sharex=True, squeeze=False)
+    columns = [key for key, _ in rows]
     for column, loss in enumerate(losses):
         runs = histories[histories["loss"] == loss] if not histories.empty else histories
         if not runs.empty:
@@ -102,9 +107,9 @@ def plot_curves(histories: pd.DataFrame, losses: list[str], path: Path, title: s
         axes[0][column].set_title(LOSS_DISPLAY_NAMES.get(loss, loss))
         axes[-1][column].set_xlabel("epoch")
         axes[-1][column].xaxis.set_major_locator(MaxNLocator(integer=True))
-        for row in range(len(CURVE_ROWS)):
+        for row in range(len(rows)):
             axes[row][column].grid(alpha=0.3)
-    for row, (_, label) in enumerate(CURVE_ROWS):
+    for row, (_, label) in enumerate(rows):
         axes[row][0].set_ylabel(label)
     _legend(axes[0], fontsize="small")
     figure.suptitle(title)
