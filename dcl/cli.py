@@ -55,13 +55,14 @@ def _run_block(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, 
 
 
 def _tracker(args: argparse.Namespace, run_dir: Path):
-    from dcl.tracking import Tracker
+    from dcl.tracking import Tracker, sqlite_file
 
     uri = None if args.tracking_uri in (None, "none") else args.tracking_uri
     artifacts = Path(args.artifact_root) if args.artifact_root else None
-    if artifacts is None and uri and uri.startswith("sqlite:///"):
+    database = sqlite_file(uri) if uri else None
+    if artifacts is None and database is not None:
         # Without this MLflow would write artifacts to ./mlruns of the working folder.
-        artifacts = Path(uri[len("sqlite:///"):]).parent / "mlartifacts"
+        artifacts = database.parent / "mlartifacts"
     return Tracker(uri, f"{args.study}/{args.dataset}", artifact_root=artifacts)
 
 
@@ -174,7 +175,7 @@ def cmd_launch(args: argparse.Namespace) -> None:
 
 
 def _job_dir(requested: str, step: list[str]) -> Path:
-    """The job folder; "auto" puts it beside the step's outputs: <run-dir>/slurm/<step>."""
+    """Resolve the job folder, where "auto" means beside the step's outputs: <run-dir>/slurm/<step>."""
     if requested != "auto":
         return Path(requested)
     for flag in ("--run-dir", "--out"):

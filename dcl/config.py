@@ -99,14 +99,14 @@ def load_study(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def data_root(config: dict[str, Any]) -> Path:
-    """The folder holding one sub-folder per dataset: config, then $DCL_DATA_ROOT, then ./data."""
+    """Return the folder with one sub-folder per dataset: config, then $DCL_DATA_ROOT, then ./data."""
     if config.get("data_root"):
         return Path(config["data_root"])
     return Path(os.environ.get(DATA_ROOT_ENV) or "data")
 
 
 def tracking_uri(config: dict[str, Any]) -> str | None:
-    """The MLflow tracking URI of a study; None when tracking is disabled."""
+    """Return the MLflow tracking URI of a study, or None when tracking is disabled."""
     uri = config.get("tracking_uri")
     if uri == "none":
         return None

@@ -33,7 +33,7 @@ OFFICIAL_CIFAR10 = "cifar-10-batches-py"
 
 
 class DataError(RuntimeError):
-    """A dataset root that is missing, has the wrong layout or holds an unreadable image."""
+    """A dataset root that is missing, has the wrong layout or contains an unreadable image."""
 
 
 def expected_layout(name: str, root: Path) -> str:
@@ -219,7 +219,7 @@ def load_cache(path: Path) -> dict[str, np.ndarray]:
         images = arrays[f"{split}_images"]
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise DataError(
-                f"dataset cache {path} holds {split}_images of dtype {images.dtype} and shape "
+                f"dataset cache {path} contains {split}_images of dtype {images.dtype} and shape "
                 f"{images.shape}, not uint8 (N, 3, H, W): {rebuild}")
         if len(arrays[f"{split}_labels"]) != len(images):
             raise DataError(f"dataset cache {path} has {len(images)} {split} images but "

@@ -4,5 +4,5 @@ import torch
 
 
 def default_device() -> torch.device:
-    """The first CUDA device when one is visible, else the CPU."""
+    """Return the first CUDA device when one is visible, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

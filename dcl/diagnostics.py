@@ -29,7 +29,7 @@ HISTORY_KEYS = ("knn_monitor_top1", "lr", "q_b_mean", "q_b_median", "q_b_p10", "
 
 
 def load_histories(paths: Iterable[Path]) -> pd.DataFrame:
-    """One row per (run, epoch): the run's grid keys and its per-epoch history."""
+    """Load one row per (run, epoch): the run's grid keys and its per-epoch history."""
     rows = []
     for path in paths:
         try:

@@ -90,7 +90,7 @@ class StepTask(submitit.helpers.Checkpointable):
 
 
 def _with_job_threads(argv: list[str]) -> list[str]:
-    """Replace ``--threads`` by the CPUs SLURM gave the task, when SLURM says."""
+    """Replace ``--threads`` by the CPUs SLURM allocated to the task, when SLURM_CPUS_PER_TASK is set."""
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if not cpus or "--threads" not in argv:
         return argv

@@ -40,7 +40,8 @@ def _retry(action: Callable[[], T], what: str) -> T:
     raise AssertionError("unreachable")
 
 
-def _sqlite_file(uri: str) -> Path | None:
+def sqlite_file(uri: str) -> Path | None:
+    """Return the database path of a ``sqlite:///`` URI, or None for any other URI."""
     prefix = "sqlite:///"
     return Path(uri[len(prefix):]) if uri.startswith(prefix) else None
 
@@ -54,7 +55,7 @@ def _open_client(uri: str):
     """
     from mlflow.tracking import MlflowClient
 
-    database = _sqlite_file(uri)
+    database = sqlite_file(uri)
     if database is None:
         return MlflowClient(tracking_uri=uri)
     database.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,7 @@ def _open_client(uri: str):
 
 
 def git_commit() -> str | None:
-    """The commit of the checkout this package runs from, or None outside a git checkout."""
+    """Return the commit of the checkout this package runs from, or None outside a git checkout."""
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
                                 capture_output=True, text=True, timeout=10)
@@ -205,7 +206,7 @@ class Tracker:
         _retry(lambda: self._client.log_batch(self.run_id, metrics=items), "log metrics")
 
     def logged_steps(self, key: str) -> set[int]:
-        """The steps at which metric ``key`` is recorded in this run (empty when disabled)."""
+        """Return the steps at which metric ``key`` is recorded in this run (empty when disabled)."""
         if not self.enabled or not self.run_id:
             return set()
         history = _retry(lambda: self._client.get_metric_history(self.run_id, key),

@@ -246,8 +246,8 @@ class Pretrainer:
     def fit(self) -> dict[str, Any]:
         """Train to the configured number of epochs, resuming if a checkpoint exists.
 
-        A rerun after a kill continues the same MLflow run. It asks MLflow which epochs
-        it has recorded, logs the checkpointed epochs that are missing and skips the rest.
+        A rerun after a kill continues the same MLflow run. It reads which epochs
+        MLflow has recorded, logs the checkpointed epochs that are missing and skips the rest.
         """
         folder = self.run_dir / "checkpoints"
         checkpoint.prepare_folder(folder)
