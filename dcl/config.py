@@ -18,6 +18,8 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 DATA_ROOT_ENV = "DCL_DATA_ROOT"
+# Top-level switches often given as snakemake --config key=true|false.
+COMMAND_LINE_FLAGS = ("only_finished", "allow_download")
 
 
 class ConfigError(ValueError):
@@ -65,6 +67,10 @@ def validate_study(config: dict[str, Any], source: str = "the config") -> dict[s
     config = copy.deepcopy(config)
     if not isinstance(config, dict):
         raise ConfigError(f"{source} must be a mapping of keys to values, got {type(config).__name__}")
+    for key in COMMAND_LINE_FLAGS:
+        # snakemake --config only_finished=true passes the string "true".
+        if isinstance(config.get(key), str) and config[key].lower() in ("true", "false"):
+            config[key] = config[key].lower() == "true"
     _validate(config, load_schema(), source)
 
     for name in config["grid"]["datasets"]:

@@ -16,7 +16,7 @@ from dcl.config import (
     validate_study,
 )
 
-CONFIGS = ["config/cpu.yaml", "config/smoke.yaml", "config/config.yaml"]
+CONFIGS = ["config/cpu.yaml", "config/cpu-long.yaml", "config/smoke.yaml", "config/config.yaml"]
 
 
 @pytest.fixture()
@@ -60,6 +60,18 @@ def test_defaults_filled():
     assert dataset["augment"]["crop_scale"] == [0.08, 1.0]
     assert dataset["knn"]["k"] == 200
     assert dataset["train_subset"] is None
+
+
+@pytest.mark.parametrize("given, expected", [("true", True), ("False", False), (True, True)])
+def test_command_line_flag_strings(given, expected):
+    config = validate_study({**_minimal(), "only_finished": given})
+
+    assert config["only_finished"] is expected
+
+
+def test_command_line_flag_other_string_is_rejected():
+    with pytest.raises(ConfigError, match="only_finished"):
+        validate_study({**_minimal(), "only_finished": "yes please"})
 
 
 def test_validate_returns_copy():

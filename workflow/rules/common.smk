@@ -81,6 +81,30 @@ def run_dir(wildcards):
     return RUN.format(**wildcards)
 
 
+def cache_path(wildcards):
+    return f"{ROOT}/cache/{wildcards.dataset}.npz"
+
+
+def cache_unless_done(*results):
+    """Input function: the dataset cache, as input of a job whose ``results`` may exist.
+
+    The cache is not committed with a study, so a fresh clone rebuilds it as soon as one
+    cell is missing. Snakemake reruns every job whose input is rebuilt, unless that input
+    is ancient() and exists; so a job whose results all exist does not take a missing
+    cache as input, and an existing cache is ancient. Finished runs are retrained only
+    when their settings change (the params rerun trigger).
+    """
+
+    def cache_input(wildcards):
+        done = all(Path(run_dir(wildcards), name).exists() for name in results)
+        cache = cache_path(wildcards)
+        if done and not Path(cache).exists():
+            return []
+        return ancient(cache)
+
+    return cache_input
+
+
 def run_files(dataset, name):
     """``name`` (e.g. linear.json) of every grid run of ``dataset``."""
     return expand(
@@ -92,6 +116,18 @@ def run_files(dataset, name):
         epochs=GRID["epochs"],
         seed=GRID["seeds"],
     )
+
+
+def grid_files(dataset, name):
+    """``name`` of every grid run, or with ``only_finished`` of the runs that have it.
+
+    ``only_finished`` renders the tables and figures of a partly finished study without
+    running anything new; the missing cells stay empty in the tables.
+    """
+    files = run_files(dataset, name)
+    if config["only_finished"]:
+        return [ancient(path) for path in files if Path(path).exists()]
+    return files
 
 
 def all_targets():

@@ -3,25 +3,28 @@
 
 rule extract_features:
     input:
-        cache=ROOT + "/cache/{dataset}.npz",
+        cache=cache_unless_done("linear.json", "knn.json"),
         weights=RUN + "/backbone.pt",
     output:
         temp(RUN + "/features.npz"),
     params:
         settings=settings_arg,
         run_dir=run_dir,
+        cache=cache_path,
     threads: LOCAL_THREADS
     log:
         RUN + "/features.log",
     shell:
         "{DCL} {LAUNCH_EVALUATE}extract-features --settings {params.settings} --dataset {wildcards.dataset} "
-        "--run-dir {params.run_dir:q} --cache {input.cache:q} --threads {threads} > {log:q} 2>&1"
+        "--run-dir {params.run_dir:q} --cache {params.cache:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule linear_eval:
     input:
+        # ancient(): the file times of a fresh clone must not rerun a finished
+        # evaluation. A retrained run still reruns it through its new features.
         features=RUN + "/features.npz",
-        pretrain=RUN + "/pretrain.json",
+        pretrain=ancient(RUN + "/pretrain.json"),
     output:
         RUN + "/linear.json",
     params:
@@ -38,8 +41,10 @@ rule linear_eval:
 
 rule knn:
     input:
+        # ancient(): the file times of a fresh clone must not rerun a finished
+        # evaluation. A retrained run still reruns it through its new features.
         features=RUN + "/features.npz",
-        pretrain=RUN + "/pretrain.json",
+        pretrain=ancient(RUN + "/pretrain.json"),
     output:
         RUN + "/knn.json",
     params:

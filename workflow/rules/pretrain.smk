@@ -3,19 +3,20 @@
 
 rule pretrain:
     input:
-        cache=ROOT + "/cache/{dataset}.npz",
+        cache=cache_unless_done("pretrain.json"),
     output:
         result=RUN + "/pretrain.json",
         weights=RUN + "/backbone.pt",
     params:
         settings=settings_arg,
         run_dir=run_dir,
+        cache=cache_path,
     threads: LOCAL_THREADS
     log:
         RUN + "/pretrain.log",
     shell:
         "{DCL} {LAUNCH_PRETRAIN}pretrain --settings {params.settings} --dataset {wildcards.dataset} "
         "--loss {wildcards.loss} --batch-size {wildcards.batch} --epochs {wildcards.epochs} "
-        "--seed {wildcards.seed} --cache {input.cache:q} --run-dir {params.run_dir:q} "
+        "--seed {wildcards.seed} --cache {params.cache:q} --run-dir {params.run_dir:q} "
         "--study {config[study]} --tracking-uri {TRACKING:q} --artifact-root {ARTIFACTS:q} "
         "--threads {threads} > {log:q} 2>&1"

@@ -10,7 +10,7 @@ GRID_ARGS = (
 
 rule aggregate_linear:
     input:
-        lambda w: run_files(w.dataset, "linear.json"),
+        lambda w: grid_files(w.dataset, "linear.json"),
     output:
         csv=report(ROOT + "/tables/{dataset}_top1.csv", caption="../report/table.rst", category="Tables"),
         md=ROOT + "/tables/{dataset}_top1.md",
@@ -24,7 +24,7 @@ rule aggregate_linear:
 
 rule aggregate_knn:
     input:
-        lambda w: run_files(w.dataset, "knn.json"),
+        lambda w: grid_files(w.dataset, "knn.json"),
     output:
         csv=report(ROOT + "/tables/{dataset}_knn_top1.csv", caption="../report/knn_table.rst", category="Tables"),
         md=ROOT + "/tables/{dataset}_knn_top1.md",
@@ -38,7 +38,7 @@ rule aggregate_knn:
 
 rule diagnostics:
     input:
-        lambda w: run_files(w.dataset, "pretrain.json"),
+        lambda w: grid_files(w.dataset, "pretrain.json"),
     output:
         npc=report(ROOT + "/figures/{dataset}_npc.png", caption="../report/npc.rst", category="Diagnostics"),
         curves=report(ROOT + "/figures/{dataset}_curves.png", caption="../report/curves.rst", category="Diagnostics"),

@@ -1,0 +1,96 @@
+"""A study run in several sittings: finished cells are never recomputed.
+
+Only the small per-run files (``*.json``, ``*.log``) of a study are committed; its
+checkpoints, weights, feature files, dataset cache and Snakemake metadata are not. A
+fresh clone therefore has result files with arbitrary file times and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from workflow_helpers import REPO, needs_cifar10, snakemake, write_config
+
+pytestmark = [pytest.mark.slow, needs_cifar10]
+
+WORK_RULES = {"prepare_data", "pretrain", "extract_features", "linear_eval", "knn"}
+
+
+def planned_jobs(result) -> dict[str, int]:
+    """Job counts from the 'Job stats' table of a dry run."""
+    assert result.returncode == 0, result.stderr[-4000:]
+    text = result.stdout + result.stderr
+    stats = text.split("Job stats:", 1)[1] if "Job stats:" in text else ""
+    return {name: int(count) for name, count in re.findall(r"^(\w+)\s+(\d+)$", stats, re.M)}
+
+
+def committed_copy(root: Path, target: Path) -> Path:
+    """Copy what a study commits (per-run JSON and logs) and make every result file newer
+    than the ones derived from it, the worst order a checkout can give."""
+    for path in root.glob("runs/**/*"):
+        if path.suffix in {".json", ".log"} and path.is_file():
+            copy = target / path.relative_to(root)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, copy)
+    now = time.time()
+    for path in target.glob("runs/**/*.json"):
+        stamp = now - (1000 if path.name == "pretrain.json" else 2000)
+        os.utime(path, (stamp, stamp))
+    return target
+
+
+@pytest.fixture
+def fresh_clone(tmp_path, smoke_run):
+    root, _ = smoke_run
+    config = write_config(tmp_path)
+    committed_copy(root, tmp_path / "out")
+    return tmp_path / "out", config
+
+
+def test_fresh_clone_recomputes_no_finished_cell(fresh_clone):
+    _, config = fresh_clone
+    jobs = planned_jobs(snakemake(config, "-n", "all"))
+    assert not WORK_RULES & set(jobs), jobs
+    assert jobs["aggregate_linear"] == 1
+
+
+def test_edited_rule_code_recomputes_no_finished_cell(fresh_clone, tmp_path):
+    """A changed rule (here the evaluation rules' shell commands) is not a rerun trigger."""
+    _, config = fresh_clone
+    edited = tmp_path / "workflow-copy"
+    shutil.copytree(REPO / "workflow", edited / "workflow")
+    shutil.copy(REPO / "Snakefile", edited / "Snakefile")
+    rules = edited / "workflow" / "rules" / "evaluate.smk"
+    rules.write_text(rules.read_text().replace("> {log:q} 2>&1", "--threads {threads} > {log:q} 2>&1"))
+    jobs = planned_jobs(snakemake(config, "-s", str(edited / "Snakefile"), "-n", "all"))
+    assert not WORK_RULES & set(jobs), jobs
+
+
+def test_missing_cell_is_the_only_work(fresh_clone):
+    root, config = fresh_clone
+    cell = next(root.glob("runs/cifar10/*/dcl/bs64/ep1/seed0"))
+    for name in ("pretrain.json", "linear.json", "knn.json"):
+        (cell / name).unlink()
+    jobs = planned_jobs(snakemake(config, "-n", "all"))
+    assert {name: jobs.get(name) for name in WORK_RULES} == {
+        "prepare_data": 1, "pretrain": 1, "extract_features": 1, "linear_eval": 1, "knn": 1}
+
+
+def test_only_finished_renders_partial_table(fresh_clone):
+    root, config = fresh_clone
+    for cell in root.glob("runs/cifar10/*/dcl/bs64/ep1/seed0"):
+        shutil.rmtree(cell)
+    (root / "tables").exists() and shutil.rmtree(root / "tables")
+    result = snakemake(config, "all", "--config", "only_finished=true", "tracking_uri=none")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "rule pretrain" not in result.stdout + result.stderr
+    table = pd.read_csv(root / "tables" / "cifar10_top1.csv").set_index("loss")
+    assert table.loc["dcl", "64_n"] == 0 and pd.isna(table.loc["dcl", "64"])
+    assert table.loc["dcl", "32_n"] == 1 and table.loc["infonce", "64_n"] == 1
