@@ -24,3 +24,6 @@ rule all:
     input:
         all_targets(),
     default_target: True
+
+
+check_targets()

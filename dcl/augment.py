@@ -133,6 +133,11 @@ class AugmentParams:
         """Return a copy with every tensor on ``device``."""
         return AugmentParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
+    def select(self, index: Tensor) -> AugmentParams:
+        """Return the parameters of the images at ``index`` (a 1-D int64 tensor)."""
+        return AugmentParams(**{f.name: getattr(self, f.name)[index.to(getattr(self, f.name).device)]
+                                for f in fields(self)})
+
 
 def sample_crop_boxes(
     batch_size: int, height: int, width: int, config: AugmentConfig, generator: torch.Generator
@@ -402,14 +407,26 @@ class SimCLRAugment:
         batch, _, height, width = images.shape
         return self.apply(images, self.sample_params(batch, height, width, generator))
 
-    def two_views(self, images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def two_views(
+        self, images: Tensor, generator: torch.Generator, part: slice | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Return two independent augmentations of each image, each float32 (B, 3, S, S).
 
         Both views come from one call on the doubled batch, so they draw
-        2B parameter sets from ``generator`` at once.
+        2B parameter sets from ``generator`` at once. With ``part``, only the images
+        ``images[part]`` are augmented, with the parameters they get in the whole batch:
+        the ranks of a data-parallel run share one generator and each augments its part.
         """
-        views = self(torch.cat((images, images)), generator)
-        return views[: len(images)], views[len(images) :]
+        if part is None:
+            views = self(torch.cat((images, images)), generator)
+            return views[: len(images)], views[len(images) :]
+        _check_uint8_batch(images)
+        batch, _, height, width = images.shape
+        params = self.sample_params(2 * batch, height, width, generator)
+        rows = torch.arange(batch)[part]
+        local = images[part]
+        views = self.apply(torch.cat((local, local)), params.select(torch.cat((rows, rows + batch))))
+        return views[: len(local)], views[len(local) :]
 
 
 def eval_transform(

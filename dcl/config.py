@@ -73,6 +73,7 @@ def validate_study(config: dict[str, Any], source: str = "the config") -> dict[s
             config[key] = config[key].lower() == "true"
     _validate(config, load_schema(), source)
 
+    _check_world_size(config, source)
     for name in config["grid"]["datasets"]:
         if name not in config["datasets"]:
             raise ConfigError(
@@ -80,6 +81,20 @@ def validate_study(config: dict[str, Any], source: str = "the config") -> dict[s
                 f"add its settings under 'datasets:' or remove it from the grid"
             )
     return config
+
+
+def _check_world_size(config: dict[str, Any], source: str) -> None:
+    """Under SLURM, every grid batch size must split evenly over the pretraining ranks."""
+    if config["launcher"] != "slurm":
+        return
+    job = config["slurm"]["pretrain"]
+    ranks = max(1, job["gpus_per_node"]) * job["nodes"]
+    uneven = [batch for batch in config["grid"]["batch_sizes"] if batch % ranks]
+    if uneven:
+        raise ConfigError(
+            f"grid.batch_sizes {uneven} in {source} do not divide over the {ranks} pretraining "
+            f"processes (slurm.pretrain: gpus_per_node={job['gpus_per_node']}, nodes={job['nodes']}): "
+            f"use batch sizes that are multiples of {ranks}, or fewer GPUs")
 
 
 def validate_dataset_settings(settings: dict[str, Any], source: str = "--settings") -> dict:

@@ -79,6 +79,9 @@ class StepTask(submitit.helpers.Checkpointable):
     def __call__(self) -> None:
         from dcl.cli import main
 
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+            # One task per GPU: RANK, WORLD_SIZE, MASTER_ADDR/PORT for torch.distributed.
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         code = main(_with_job_threads(self.argv))
         if code != 0:
             raise LaunchError(f"'dcl {' '.join(self.argv[:1])}' exited with code {code}")

@@ -18,13 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dcl import dist
+
 
 class _AnchorTerms(NamedTuple):
-    """Per-anchor terms shared by all losses, anchors ordered view 1 then view 2."""
+    """Per-anchor terms shared by all losses, local anchors ordered view 1 then view 2."""
 
-    pos_sim: Tensor  # (N,) cosine similarity s_i of each positive pair
-    log_pos_and_neg: Tensor  # (2N,) log(e^{s_i/tau} + U_{i,k})
-    log_neg: Tensor  # (2N,) log U_{i,k}
+    pos_sim: Tensor  # (n,) cosine similarity s_i of each local positive pair
+    log_pos_and_neg: Tensor  # (2n,) log(e^{s_i/tau} + U_{i,k})
+    log_neg: Tensor  # (2n,) log U_{i,k}
+    global_pos_sim: Tensor  # (N,) s_i of every pair of the global batch, rank order
+    offset: int  # index of this rank's first pair in the global batch
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -32,8 +36,13 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be positive, got {name}={value}")
 
 
-def _anchor_terms(z1: Tensor, z2: Tensor, temperature: float) -> _AnchorTerms:
+def _anchor_terms(z1: Tensor, z2: Tensor, temperature: float, gather: bool = False) -> _AnchorTerms:
     """Compute the normalised similarities and both log-sum-exps of each anchor.
+
+    With ``gather`` and a process group, the n local pairs are anchors and the
+    N = n * world_size pairs of all ranks are the candidates, so every rank sees the
+    negatives of the global batch; gradients reach the rank that computed each embedding
+    (see :func:`dcl.dist.gather`). Otherwise n = N.
 
     Runs with autocast disabled in float32, or float64 for float64 inputs,
     because at tau = 0.01 the logits reach 100, where bf16 resolves only steps
@@ -46,28 +55,36 @@ def _anchor_terms(z1: Tensor, z2: Tensor, temperature: float) -> _AnchorTerms:
             f"got z1 {tuple(z1.shape)} and z2 {tuple(z2.shape)}"
         )
     n = z1.shape[0]
-    if n < 2:
+    ranks = dist.world_size() if gather else 1
+    if n * ranks < 2:
         raise ValueError(
-            f"batch size N must be at least 2 to have negatives, got N={n}"
+            f"batch size N must be at least 2 to have negatives, got N={n * ranks}"
         )
 
     dtype = torch.promote_types(z1.dtype, torch.float32)
     with torch.autocast(device_type=z1.device.type, enabled=False):
-        z = torch.cat([z1.to(dtype), z2.to(dtype)], dim=0)
-        z = F.normalize(z, dim=1)
-        logits = z @ z.T / temperature  # (2N, 2N)
+        z1 = F.normalize(z1.to(dtype), dim=1)
+        z2 = F.normalize(z2.to(dtype), dim=1)
+        z = torch.cat([z1, z2], dim=0)  # (2n, d) anchors
+        offset = dist.rank() * n if gather else 0
+        all1, all2 = (dist.gather(z1), dist.gather(z2)) if gather else (z1, z2)
+        total = all1.shape[0]
+        logits = z @ torch.cat([all1, all2], dim=0).T / temperature  # (2n, 2N)
 
-        # Row a has its positive at column (a + N) mod 2N.
-        index = torch.arange(2 * n, device=z.device)
-        self_mask = index[:, None] == index[None, :]
-        pos_mask = index[None, :] == ((index[:, None] + n) % (2 * n))
+        # Local anchor a is global anchor g(a); its positive is column (g(a) + N) mod 2N.
+        local = torch.arange(2 * n, device=z.device)
+        anchor = torch.where(local < n, offset + local, total + offset + local - n)
+        column = torch.arange(2 * total, device=z.device)
+        self_mask = column[None, :] == anchor[:, None]
+        pos_mask = column[None, :] == ((anchor[:, None] + total) % (2 * total))
 
         logits = logits.masked_fill(self_mask, float("-inf"))
         log_pos_and_neg = torch.logsumexp(logits, dim=1)
         log_neg = torch.logsumexp(logits.masked_fill(pos_mask, float("-inf")), dim=1)
-        pos_sim = (z[:n] * z[n:]).sum(dim=1)
+        pos_sim = (z1 * z2).sum(dim=1)
+        global_pos_sim = (all1 * all2).sum(dim=1) if gather else pos_sim
 
-    return _AnchorTerms(pos_sim, log_pos_and_neg, log_neg)
+    return _AnchorTerms(pos_sim, log_pos_and_neg, log_neg, global_pos_sim, offset)
 
 
 def dclw_weight(
@@ -117,12 +134,22 @@ def npc_multiplier(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
 
 
 class _ContrastiveLoss(nn.Module):
-    """Base class that stores and validates the temperature tau."""
+    """Base class that stores and validates the temperature tau.
 
-    def __init__(self, temperature: float = 0.1) -> None:
+    With ``gather_distributed`` (default False) and a process group, each rank's
+    anchors are contrasted with the embeddings of all ranks, and the loss is the mean
+    over this rank's anchors; averaging gradients over ranks (DDP) then gives the
+    gradient of the loss of the global batch.
+    """
+
+    def __init__(self, temperature: float = 0.1, gather_distributed: bool = False) -> None:
         super().__init__()
         _check_positive("temperature", temperature)
         self.temperature = temperature
+        self.gather_distributed = gather_distributed
+
+    def _terms(self, z1: Tensor, z2: Tensor) -> _AnchorTerms:
+        return _anchor_terms(z1, z2, self.temperature, self.gather_distributed)
 
 
 class InfoNCELoss(_ContrastiveLoss):
@@ -142,7 +169,7 @@ class InfoNCELoss(_ContrastiveLoss):
     """
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        terms = _anchor_terms(z1, z2, self.temperature)
+        terms = self._terms(z1, z2)
         pos_logit = terms.pos_sim.repeat(2) / self.temperature
         return (terms.log_pos_and_neg - pos_logit).mean()
 
@@ -165,13 +192,13 @@ class DCLLoss(_ContrastiveLoss):
         >>> loss = loss_fn(projector(view1), projector(view2))
     """
 
-    def _positive_weight(self, pos_sim: Tensor) -> Optional[Tensor]:
+    def _positive_weight(self, terms: _AnchorTerms) -> Optional[Tensor]:
         return None
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        terms = _anchor_terms(z1, z2, self.temperature)
+        terms = self._terms(z1, z2)
         pos_term = terms.pos_sim / self.temperature
-        weight = self._positive_weight(terms.pos_sim)
+        weight = self._positive_weight(terms)
         if weight is not None:
             pos_term = weight * pos_term
         return (terms.log_neg - pos_term.repeat(2)).mean()
@@ -210,17 +237,21 @@ class DCLWLoss(DCLLoss):
         sigma: float = 0.5,
         detach_weight: bool = True,
         weight_min: Optional[float] = None,
+        gather_distributed: bool = False,
     ) -> None:
-        super().__init__(temperature)
+        super().__init__(temperature, gather_distributed)
         _check_positive("sigma", sigma)
         self.sigma = sigma
         self.detach_weight = detach_weight
         self.weight_min = weight_min
 
-    def _positive_weight(self, pos_sim: Tensor) -> Optional[Tensor]:
+    def _positive_weight(self, terms: _AnchorTerms) -> Optional[Tensor]:
+        # The softmax runs over the N pairs of the global batch, as in one process.
+        pos_sim = terms.global_pos_sim
         if self.detach_weight:
             pos_sim = pos_sim.detach()
-        return dclw_weight(pos_sim, self.sigma, self.weight_min)
+        weight = dclw_weight(pos_sim, self.sigma, self.weight_min)
+        return weight[terms.offset:terms.offset + len(terms.pos_sim)]
 
 
 LOSS_NAMES = ("infonce", "dcl", "dclw")
@@ -232,6 +263,7 @@ def build_loss(
     sigma: float = 0.5,
     detach_weight: bool = True,
     weight_min: Optional[float] = None,
+    gather_distributed: bool = False,
 ) -> nn.Module:
     """Build a loss by name: "infonce", "dcl" or "dclw".
 
@@ -239,11 +271,11 @@ def build_loss(
     for the other names.
     """
     if name == "infonce":
-        return InfoNCELoss(temperature)
+        return InfoNCELoss(temperature, gather_distributed)
     if name == "dcl":
-        return DCLLoss(temperature)
+        return DCLLoss(temperature, gather_distributed)
     if name == "dclw":
-        return DCLWLoss(temperature, sigma, detach_weight, weight_min)
+        return DCLWLoss(temperature, sigma, detach_weight, weight_min, gather_distributed)
     raise ValueError(
         f"unknown loss name {name!r}, expected one of {', '.join(LOSS_NAMES)}"
     )

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dcl import checkpoint
+from dcl import checkpoint, dist
 from dcl.atomic import atomic_path, remove_temporaries, write_json, write_text
 from dcl.augment import AugmentConfig, SimCLRAugment
 from dcl.datasets import balanced_indices, load_cache
@@ -28,6 +28,7 @@ from dcl.device import default_device
 from dcl.evaluate import embed, knn_classify
 from dcl.losses import build_loss, npc_multiplier
 from dcl.models import ModelConfig, SimCLRModel
+from dcl.sync_bn import convert_sync_batchnorm
 from dcl.optim import build_optimizer, scaled_lr, warmup_cosine
 from dcl.tracking import Tracker
 
@@ -75,8 +76,11 @@ class Pretrainer:
         # that any future use resumes exactly.
         random.seed(run["seed"])
         np.random.seed(run["seed"])
-        self.settings, self.run, self.run_dir, self.tracker = settings, run, Path(run_dir), tracker
-        self.device = default_device()
+        self.settings, self.run, self.run_dir = settings, run, Path(run_dir)
+        # Data-parallel ranks (WORLD_SIZE > 1) split each global batch; rank 0 writes files and tracks.
+        self.device = dist.init_from_env() if dist.env_world_size() > 1 else default_device()
+        self.tracker = tracker if dist.is_main() else Tracker(None, tracker.experiment)
+        self.shard = dist.shard(run["batch_size"])
         # The uint8 training set lives on the training device; batches are gathered there.
         data = load_cache(cache)
         self.images = torch.from_numpy(data["train_images"]).to(self.device)
@@ -90,11 +94,16 @@ class Pretrainer:
 
         opt = settings["pretrain"]
         self.model = build_model(settings).to(self.device)
+        self.network = self.model
+        if dist.is_distributed():
+            # SimCLR's global BN: batch statistics over all ranks, as in one process.
+            self.model = convert_sync_batchnorm(self.model, self.device)
+            self.network = torch.nn.parallel.DistributedDataParallel(self.model)
         self.augment = build_augment(settings)
         self.loss_fn = build_loss(
             run["loss"], temperature=settings["loss"]["temperature"], sigma=settings["loss"]["sigma"],
             detach_weight=settings["loss"]["dclw_detach_weight"],
-            weight_min=settings["loss"]["dclw_weight_min"])
+            weight_min=settings["loss"]["dclw_weight_min"], gather_distributed=dist.is_distributed())
         self.lr = scaled_lr(opt["base_lr"], self.batch_size, opt["lr_scaling"])
         self.last_lr = self.lr
         self.optimizer = build_optimizer(self.model, opt["optimizer"], self.lr, opt["momentum"],
@@ -165,15 +174,17 @@ class Pretrainer:
 
     # -- training ----------------------------------------------------------
     def _step(self, batch: torch.Tensor, global_step: int, stats: dict, record_qb: bool) -> float:
-        view1, view2 = self.augment.two_views(batch, self.augment_rng)
+        view1, view2 = self.augment.two_views(batch, self.augment_rng, self.shard)
         bf16 = self.settings["pretrain"]["precision"] == "bf16"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            z = self.model(torch.cat((view1, view2)))
+            z = self.network(torch.cat((view1, view2)))
         z1, z2 = z.float().chunk(2)
         loss = self.loss_fn(z1, z2)
-        if not torch.isfinite(loss):
+        # The mean over ranks, so that every rank stops at the same step.
+        value = dist.mean_over_ranks(loss.item())
+        if not math.isfinite(value):
             raise DivergenceError(
-                f"loss is {loss.item()} at epoch {self.epoch + 1}, step {global_step}: the run "
+                f"loss is {value} at epoch {self.epoch + 1}, step {global_step}: the run "
                 f"stopped; the last good checkpoint is in {self.run_dir / 'checkpoints'}. "
                 "Lower the learning rate or raise the temperature and rerun.")
         self.optimizer.zero_grad(set_to_none=True)
@@ -182,8 +193,8 @@ class Pretrainer:
         self.last_lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         if record_qb:
-            self._record_similarity(z1.detach(), z2.detach(), stats)
-        return loss.item()
+            self._record_similarity(dist.gather_detached(z1), dist.gather_detached(z2), stats)
+        return value
 
     def _record_similarity(self, z1: torch.Tensor, z2: torch.Tensor, stats: dict) -> None:
         stats["q_b"].append(npc_multiplier(z1, z2, self.settings["loss"]["temperature"]))
@@ -239,7 +250,10 @@ class Pretrainer:
         summary = self._epoch_summary(losses, stats, time.perf_counter() - started)
         every = self.settings["pretrain"]["knn_monitor_every"]
         if every and (self.epoch % every == 0 or self.epoch == self.run["epochs"]):
-            summary["knn_monitor_top1"] = self.knn_monitor()
+            # Rank 0 alone embeds the monitor subset, so each image counts once.
+            if dist.is_main():
+                summary["knn_monitor_top1"] = self.knn_monitor()
+            dist.barrier()
         self.elapsed += time.perf_counter() - started
         return summary
 
@@ -250,8 +264,10 @@ class Pretrainer:
         MLflow has recorded, logs the checkpointed epochs that are missing and skips the rest.
         """
         folder = self.run_dir / "checkpoints"
-        checkpoint.prepare_folder(folder)
-        remove_temporaries(self.run_dir, OUTPUTS)
+        if dist.is_main():
+            checkpoint.prepare_folder(folder)
+            remove_temporaries(self.run_dir, OUTPUTS)
+        dist.barrier()
         state = checkpoint.load_latest(folder)
         if state is not None:
             self.resume_from(state, checkpoint.checkpoint_path(folder, state["epoch"]))
@@ -271,8 +287,9 @@ class Pretrainer:
             while self.epoch < self.run["epochs"]:
                 summary = self.train_epoch()
                 self.history.append(summary)
-                checkpoint.save(folder, self.epoch, self.state())
-                checkpoint.prune(folder, self.settings["pretrain"]["checkpoints_kept"])
+                if dist.is_main():
+                    checkpoint.save(folder, self.epoch, self.state())
+                    checkpoint.prune(folder, self.settings["pretrain"]["checkpoints_kept"])
                 # An epoch retrained after its checkpoint was lost may already be in MLflow.
                 self._log_epoch(summary, send=summary["epoch"] not in logged)
             return self.finish()
@@ -289,13 +306,17 @@ class Pretrainer:
                  ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     def finish(self) -> dict[str, Any]:
-        with atomic_path(self.run_dir / "backbone.pt") as tmp:
-            torch.save(self.model.backbone.state_dict(), tmp)
+        """Write the backbone weights, ``settings.json`` and, last, ``pretrain.json`` (rank 0 only)."""
         result = {
             "run": self.run, "settings": self.settings, "lr": self.lr, "history": self.history,
             "final": {"loss": self.history[-1]["loss"]} if self.history else {},
             "wall_seconds": self.elapsed, "mlflow_run_id": self.tracker.run_id,
+            "world_size": dist.world_size(),
         }
+        if not dist.is_main():
+            return result
+        with atomic_path(self.run_dir / "backbone.pt") as tmp:
+            torch.save(self.model.backbone.state_dict(), tmp)
         write_json(self.run_dir / "settings.json", {"run": self.run, "settings": self.settings})
         self.tracker.log_artifact(self.run_dir / "settings.json")
         self.tracker.finish("FINISHED")
@@ -378,5 +399,11 @@ def _tags(run: dict[str, Any]) -> dict[str, str]:
 
 def pretrain(settings: dict, run: dict, cache: Path, run_dir: Path, tracker: Tracker,
              threads: int) -> dict[str, Any]:
-    """Train one grid run; writes ``backbone.pt``, ``settings.json`` and, last, ``pretrain.json``."""
-    return Pretrainer(settings, run, cache, run_dir, tracker, threads).fit()
+    """Train one grid run; writes ``backbone.pt``, ``settings.json`` and, last, ``pretrain.json``.
+
+    Under ``WORLD_SIZE`` > 1 every rank calls this; rank 0 writes the files.
+    """
+    try:
+        return Pretrainer(settings, run, cache, run_dir, tracker, threads).fit()
+    finally:
+        dist.shutdown()

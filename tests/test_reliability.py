@@ -877,16 +877,23 @@ def case_checkpoint_write_fails(where):
                 advice="Free disk space", fault=_no_space)
 
 
+def case_batch_world_size(where):
+    config = _study(where, {"tracking_uri": "none", "launcher": "slurm",
+                            "slurm.pretrain.gpus_per_node": 3})
+    return Case(["all", "--configfile", str(config), "--cores", "1"],
+                names=["grid.batch_sizes [32, 64]", "gpus_per_node=3"],
+                advice="multiples of 3", runner="snakemake")
+
+
 def case_unknown_target(where):
     config = _study(where, {"tracking_uri": "none"})
     return Case(["no_such_target", "--configfile", str(config), "--cores", "1"],
-                names=["no_such_target"], advice="No rule to produce", runner="snakemake")
+                names=["no_such_target"], advice="Ask for a rule", runner="snakemake")
 
 
 CASES = [
     case_config_type, case_config_range, case_config_unknown_name,
-    pytest.param(None, id="batch_world_size", marks=pytest.mark.skip(
-        reason="no distributed training: world size is not a setting yet")),
+    case_batch_world_size,
     case_data_root_missing, case_data_root_malformed, case_corrupt_image, case_corrupt_cache,
     case_incompatible_checkpoint, case_unwritable_output, case_checkpoint_write_fails,
     case_unknown_target,

@@ -33,6 +33,9 @@ def launch_prefix(kind):
     words = ["launch", "--job-dir", "auto", "--time-min", str(job["time_min"]),
              "--cpus-per-task", str(job["cpus_per_task"]),
              "--gpus-per-node", str(job["gpus_per_node"]), "--nodes", str(job["nodes"])]
+    if kind == "pretrain":
+        # Data-parallel pretraining: one task (rank) per GPU.
+        words += ["--tasks-per-node", str(max(1, job["gpus_per_node"]))]
     if job["mem_gb"]:
         words += ["--mem-gb", str(job["mem_gb"])]
     for name in ("partition", "account", "qos", "constraint"):
@@ -143,3 +146,38 @@ def all_targets():
         if TRACKING != "none":
             targets.append(f"{ROOT}/tables/{dataset}_mlflow_summary.json")
     return targets
+
+
+def _command_line_targets():
+    """Return the targets on the snakemake command line (empty when run through the API).
+
+    Snakemake knows the targets only after this file is parsed, so read them from argv.
+    """
+    if "snakemake" not in Path(sys.argv[0]).parts[-2:] and Path(sys.argv[0]).name != "snakemake":
+        return set()
+    from snakemake.cli import get_argument_parser
+
+    try:
+        args, _ = get_argument_parser().parse_known_args(sys.argv[1:])
+    except (SystemExit, Exception):
+        return set()
+    return set(args.targets or ())
+
+
+def check_targets():
+    """Stop with the valid targets when a requested target is neither a rule nor a rule's file.
+
+    Snakemake's own message names the target but not what to ask for instead.
+    """
+    requested = sorted(_command_line_targets())
+    rules = list(workflow.rules)
+    names = {rule.name for rule in rules}
+    unknown = [target for target in requested
+               if target not in names and not any(rule.is_producer(target) for rule in rules)]
+    if unknown:
+        examples = ", ".join(all_targets()[:3])
+        raise WorkflowError(
+            f"unknown target(s) {', '.join(map(repr, unknown))}: no rule of this workflow makes them. "
+            f"Ask for a rule ({', '.join(sorted(names))}) or an output file under {ROOT}/, "
+            f"e.g. {examples}; 'snakemake --list-target-rules' lists the rules."
+        )
