@@ -99,6 +99,27 @@ class _Gather(torch.autograd.Function):
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradient over ranks as well."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Return the sum of ``tensor`` over ranks, differentiably (the tensor itself without a group)."""
+    return _AllReduceSum.apply(tensor) if is_distributed() else tensor
+
+
 def gather(tensor: Tensor) -> Tensor:
     """Concatenate ``tensor`` (n, ...) of every rank into (world_size * n, ...), rank order.
 
@@ -131,12 +152,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shard(batch: int) -> slice:
-    """Return this rank's slice of a global batch, which must split evenly over the ranks."""
-    size = world_size()
+def check_batch(batch: int, size: int) -> None:
+    """Raise ValueError unless a global batch of ``batch`` splits evenly over ``size`` ranks."""
     if batch % size:
         raise ValueError(
             f"batch size {batch} does not divide over {size} processes: choose a batch size "
             f"that is a multiple of {size}, or another number of GPUs (tasks)")
+
+
+def shard(batch: int) -> slice:
+    """Return this rank's slice of a global batch, which must split evenly over the ranks."""
+    size = world_size()
+    check_batch(batch, size)
     local = batch // size
     return slice(rank() * local, (rank() + 1) * local)

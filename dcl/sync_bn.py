@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.nn.functional import all_reduce
 
 from dcl import dist
 
@@ -34,10 +33,10 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0, *range(2, input.dim())]
         shape = [1, -1] + [1] * (input.dim() - 2)
         count = torch.tensor([input.numel() / input.shape[1]], dtype=input.dtype, device=input.device)
-        total = all_reduce(count.clone()).detach()
-        mean = all_reduce(input.sum(dims)) / total
+        total = dist.all_reduce_sum(count.clone()).detach()
+        mean = dist.all_reduce_sum(input.sum(dims)) / total
         centred = input - mean.view(shape)
-        var = all_reduce((centred * centred).sum(dims)) / total
+        var = dist.all_reduce_sum((centred * centred).sum(dims)) / total
         output = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             output = output * self.weight.view(shape) + self.bias.view(shape)

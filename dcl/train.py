@@ -78,6 +78,7 @@ class Pretrainer:
         np.random.seed(run["seed"])
         self.settings, self.run, self.run_dir = settings, run, Path(run_dir)
         # Data-parallel ranks (WORLD_SIZE > 1) split each global batch; rank 0 writes files and tracks.
+        dist.check_batch(run["batch_size"], dist.env_world_size())
         self.device = dist.init_from_env() if dist.env_world_size() > 1 else default_device()
         self.tracker = tracker if dist.is_main() else Tracker(None, tracker.experiment)
         self.shard = dist.shard(run["batch_size"])
@@ -302,6 +303,8 @@ class Pretrainer:
         metrics = _metrics(summary)
         if send:
             self.tracker.log_metrics(metrics, step=summary["epoch"])
+        if not dist.is_main():
+            return
         log.info("%s epoch %d: %s", run_name(self.run), summary["epoch"],
                  ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
