@@ -6,6 +6,7 @@
     dcl linear-eval       linear probe top-1 (hyper-parameters chosen on held-out train data)
     dcl knn               weighted kNN top-1
     dcl aggregate         tables and figures from per-run result files
+    dcl difference        one loss minus another, paired by seed, against the seed spread
     dcl diagnostics       q_B and training-curve figures from per-run histories
     dcl log-summary       log a dataset's tables and figures to one MLflow run
     dcl launch            run any of these as a SLURM job through submitit, and wait
@@ -140,6 +141,17 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
               ylabel=args.ylabel)
 
 
+def cmd_difference(args: argparse.Namespace) -> None:
+    from dcl.difference import paired_difference, write_difference
+    from dcl.report import load_results
+
+    results = load_results([Path(p) for p in args.results])
+    if "dataset" in results.columns:
+        results = results[results["dataset"].isna() | (results["dataset"] == args.dataset)]
+    table = paired_difference(results, args.method, args.baseline, args.batch_sizes, args.epochs)
+    write_difference(table, args.method, args.baseline, Path(args.csv), Path(args.md) if args.md else None)
+
+
 def cmd_diagnostics(args: argparse.Namespace) -> None:
     from dcl.diagnostics import draw
 
@@ -251,6 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--ylabel", default="linear top-1 (%)", help="y-axis label of the figure")
     agg.add_argument("results", nargs="*", help="linear.json files of the runs")
     agg.set_defaults(func=cmd_aggregate)
+
+    diff = commands.add_parser("difference", help="one loss minus another, paired by seed")
+    diff.add_argument("--dataset", required=True)
+    diff.add_argument("--method", required=True, choices=["infonce", "dcl", "dclw"])
+    diff.add_argument("--baseline", required=True, choices=["infonce", "dcl", "dclw"])
+    diff.add_argument("--batch-sizes", nargs="+", type=int, required=True)
+    diff.add_argument("--epochs", nargs="+", type=int, required=True)
+    diff.add_argument("--csv", required=True)
+    diff.add_argument("--md", default=None)
+    diff.add_argument("results", nargs="*", help="linear.json files of the runs")
+    diff.set_defaults(func=cmd_difference)
 
     diag = commands.add_parser("diagnostics", help="q_B and pretraining-curve figures")
     diag.add_argument("--dataset", required=True)

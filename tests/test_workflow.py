@@ -23,6 +23,17 @@ def test_smoke_table_has_every_cell(smoke_run):
 
 @pytest.mark.slow
 @needs_cifar10
+def test_smoke_difference_tables(smoke_run):
+    root, _ = smoke_run
+    for method in ("dcl", "dclw"):
+        table = pd.read_csv(root / "tables" / f"cifar10_{method}_minus_infonce.csv")
+        assert list(table["batch_size"]) == [32, 64]
+        assert (table["pairs"] == 1).all()
+        assert table["diff_std"].isna().all()
+
+
+@pytest.mark.slow
+@needs_cifar10
 def test_smoke_figures_are_png(smoke_run):
     root, _ = smoke_run
     for name in ("cifar10_batch_size.png", "cifar10_knn_batch_size.png"):

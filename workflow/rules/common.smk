@@ -60,6 +60,8 @@ wildcard_constraints:
     dataset=r"[a-z0-9]+",
     arch=r"resnet\d+-w\d+",
     loss=r"infonce|dcl|dclw",
+    method=r"dcl|dclw",
+    baseline=r"infonce",
     batch=r"\d+",
     epochs=r"\d+",
     seed=r"\d+",
@@ -143,6 +145,10 @@ def all_targets():
             f"{ROOT}/figures/{dataset}_npc.png",
             f"{ROOT}/figures/{dataset}_curves.png",
         ]
+        # DCL and DCLW minus InfoNCE, paired by seed, when the grid has both losses.
+        if "infonce" in GRID["losses"]:
+            targets += [f"{ROOT}/tables/{dataset}_{method}_minus_infonce.csv"
+                        for method in ("dcl", "dclw") if method in GRID["losses"]]
         if TRACKING != "none":
             targets.append(f"{ROOT}/tables/{dataset}_mlflow_summary.json")
     return targets

@@ -1,6 +1,8 @@
 # Tables and figures of each dataset, built from the per-run result files only.
 
 LOSS_NAMES = " ".join(GRID["losses"])
+BATCH_NAMES = " ".join(map(str, GRID["batch_sizes"]))
+EPOCH_NAMES = " ".join(map(str, GRID["epochs"]))
 GRID_ARGS = (
     f"--losses {LOSS_NAMES} "
     f"--batch-sizes {' '.join(map(str, GRID['batch_sizes']))} "
@@ -34,6 +36,20 @@ rule aggregate_knn:
     shell:
         "{DCL} aggregate --dataset {wildcards.dataset} {GRID_ARGS} --ylabel 'kNN top-1 (%)' "
         "--csv {output.csv:q} --md {output.md:q} --png {output.png:q} {input:q} > {log:q} 2>&1"
+
+
+rule difference:
+    input:
+        lambda w: grid_files(w.dataset, "linear.json"),
+    output:
+        csv=report(ROOT + "/tables/{dataset}_{method}_minus_{baseline}.csv", caption="../report/difference.rst", category="Tables"),
+        md=ROOT + "/tables/{dataset}_{method}_minus_{baseline}.md",
+    log:
+        ROOT + "/logs/aggregate/{dataset}_{method}_minus_{baseline}.log",
+    shell:
+        "{DCL} difference --dataset {wildcards.dataset} --method {wildcards.method} "
+        "--baseline {wildcards.baseline} --batch-sizes {BATCH_NAMES} --epochs {EPOCH_NAMES} "
+        "--csv {output.csv:q} --md {output.md:q} {input:q} > {log:q} 2>&1"
 
 
 rule diagnostics:
