@@ -408,25 +408,28 @@ class SimCLRAugment:
         return self.apply(images, self.sample_params(batch, height, width, generator))
 
     def two_views(
-        self, images: Tensor, generator: torch.Generator, part: slice | None = None
+        self, images: Tensor, generator: torch.Generator, part: slice | None = None,
+        total: int | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Return two independent augmentations of each image, each float32 (B, 3, S, S).
 
         Both views come from one call on the doubled batch, so they draw
-        2B parameter sets from ``generator`` at once. With ``part``, only the images
-        ``images[part]`` are augmented, with the parameters they get in the whole batch:
-        the ranks of a data-parallel run share one generator and each augments its part.
+        2B parameter sets from ``generator`` at once. With ``part`` and ``total``,
+        ``images`` is the slice ``part`` of a batch of ``total`` images, and gets the
+        parameters that slice gets in the whole batch: the ranks of a data-parallel run
+        share one generator and each augments its own part.
         """
         if part is None:
             views = self(torch.cat((images, images)), generator)
             return views[: len(images)], views[len(images) :]
         _check_uint8_batch(images)
-        batch, _, height, width = images.shape
-        params = self.sample_params(2 * batch, height, width, generator)
-        rows = torch.arange(batch)[part]
-        local = images[part]
-        views = self.apply(torch.cat((local, local)), params.select(torch.cat((rows, rows + batch))))
-        return views[: len(local)], views[len(local) :]
+        _, _, height, width = images.shape
+        rows = torch.arange(total)[part]
+        if len(rows) != len(images):
+            raise ValueError(f"part {part} of {total} images has {len(rows)} rows, got {len(images)} images")
+        params = self.sample_params(2 * total, height, width, generator)
+        views = self.apply(torch.cat((images, images)), params.select(torch.cat((rows, rows + total))))
+        return views[: len(images)], views[len(images) :]
 
 
 def eval_transform(

@@ -175,7 +175,7 @@ class Pretrainer:
 
     # -- training ----------------------------------------------------------
     def _step(self, batch: torch.Tensor, global_step: int, stats: dict, record_qb: bool) -> float:
-        view1, view2 = self.augment.two_views(batch, self.augment_rng, self.shard)
+        view1, view2 = self.augment.two_views(batch, self.augment_rng, self.shard, self.batch_size)
         bf16 = self.settings["pretrain"]["precision"] == "bf16"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             z = self.network(torch.cat((view1, view2)))
@@ -242,7 +242,8 @@ class Pretrainer:
         bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{self.run['epochs']}",
                    mininterval=10, leave=False)
         for step in bar:
-            index = order[step * self.batch_size:(step + 1) * self.batch_size]
+            # This rank's slice of the global batch (all of it in one process).
+            index = order[step * self.batch_size:(step + 1) * self.batch_size][self.shard]
             global_step = self.epoch * self.steps_per_epoch + step
             losses.append(self._step(self.images[index], global_step, stats, step % every == 0))
             if step % 20 == 0:

@@ -159,6 +159,27 @@ def test_global_batchnorm_alone_is_batchnorm():
     torch.testing.assert_close(converted(inputs), plain(inputs))
 
 
+def test_two_views_part_matches_whole_batch():
+    from dcl.augment import SimCLRAugment
+
+    augment = SimCLRAugment()
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    whole = augment.two_views(images, torch.Generator().manual_seed(5))
+    parts = [augment.two_views(images[part], torch.Generator().manual_seed(5), part, 8)
+             for part in (slice(0, 4), slice(4, 8))]
+
+    for view in (0, 1):
+        torch.testing.assert_close(torch.cat([p[view] for p in parts]), whole[view], rtol=0, atol=1e-5)
+
+
+def test_two_views_rejects_wrong_part():
+    from dcl.augment import SimCLRAugment
+
+    images = torch.zeros((3, 3, 32, 32), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="part"):
+        SimCLRAugment().two_views(images, torch.Generator(), slice(0, 4), 8)
+
+
 def test_shard_rejects_uneven_batch(monkeypatch):
     monkeypatch.setattr(dist, "world_size", lambda: 3)
 
