@@ -73,7 +73,40 @@ def validate_study(config: dict[str, Any], source: str = "the config") -> dict[s
                 f"grid.datasets lists {name!r} in {source}, but datasets.{name} is missing: "
                 f"add its settings under 'datasets:' or remove it from the grid"
             )
+    for section, overrides in (("grid.per_dataset", config["grid"]["per_dataset"]),
+                               ("slurm.datasets", config.get("slurm", {}).get("datasets", {}))):
+        for name in overrides:
+            if name not in config["datasets"]:
+                raise ConfigError(f"{section} names {name!r} in {source}, which has no section "
+                                  f"under 'datasets:'; choose one of {sorted(config['datasets'])}")
+    for name, settings in config["datasets"].items():
+        data = settings["data"]
+        if bool(data["class_list"]) != bool(data["parent"]):
+            raise ConfigError(
+                f"datasets.{name}.data in {source} sets only one of class_list and parent: a "
+                "class-list subset needs both (e.g. class_list: config/imagenet100-classes.txt, "
+                "parent: imagenet)")
     return config
+
+
+GRID_AXES = ("losses", "batch_sizes", "epochs", "seeds")
+
+
+def dataset_grid(config: dict[str, Any], name: str) -> dict[str, list]:
+    """The grid axes of dataset ``name``: ``grid.per_dataset.<name>`` over the shared axes."""
+    grid = config["grid"]
+    override = grid.get("per_dataset", {}).get(name, {})
+    return {axis: list(override.get(axis, grid[axis])) for axis in GRID_AXES}
+
+
+def slurm_job(config: dict[str, Any], kind: str, name: str | None = None) -> dict[str, Any]:
+    """Resources of step ``kind`` (pretrain, evaluate, prepare_data) for dataset ``name``.
+
+    ``slurm.datasets.<name>.<kind>`` overrides the keys it gives of ``slurm.<kind>``.
+    """
+    slurm = config["slurm"]
+    override = slurm.get("datasets", {}).get(name, {}).get(kind, {}) if name else {}
+    return {**slurm[kind], **override}
 
 
 def validate_dataset_settings(settings: dict[str, Any], source: str = "--settings") -> dict:
