@@ -89,7 +89,7 @@ def link_classes(class_list: Path, source: Path, out: Path) -> Path:
     if missing:
         listing = "; ".join(f"{split}: {', '.join(names)}" for split, names in missing.items())
         raise DataError(
-            f"{sum(map(len, missing.values()))} class(es) of {class_list} are missing from "
+            f"{len(set().union(*missing.values()))} class(es) of {class_list} are missing from "
             f"{source} ({listing}). Check that the root is the full ImageNet-1K and that "
             "its validation images are sorted into class folders.")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")

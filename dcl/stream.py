@@ -133,7 +133,7 @@ class FileImages(torch.utils.data.Dataset):
                  resize: int | None = None) -> None:
         if mode not in ("pretrain", "eval"):
             raise ValueError(f"mode must be 'pretrain' or 'eval', got {mode!r}")
-        self.root, self.files, self.mode, self.size = Path(root), files, mode, size
+        self.root, self.files, self.mode, self.size = Path(str(root)), files, mode, size
         self.resize = resize or size
 
     def __len__(self) -> int:
