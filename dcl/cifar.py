@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class OfficialFormat:
-    """Where one CIFAR variant keeps its pickles and which keys hold labels and names."""
+    """File names and pickle keys of one CIFAR variant."""
 
     folder: str
     splits: dict[str, tuple[str, ...]]
@@ -48,7 +48,7 @@ FORMATS = {
 
 
 def marker(name: str, root: Path) -> Path:
-    """The file whose presence shows that ``root`` holds ``name`` in the official format."""
+    """The file whose presence shows that ``root`` contains ``name`` in the official format."""
     fmt = FORMATS[name]
     return root / fmt.folder / fmt.splits["test"][0]
 

@@ -58,13 +58,13 @@ def expected_layout(name: str, root: Path) -> str:
     )
 
 
-def test_split_name(root: Path) -> str | None:
+def eval_split_folder(root: Path) -> str | None:
     """The folder of the evaluation split under an image-folder root (``test`` or ``val``)."""
     return next((name for name in TEST_SPLIT_NAMES if (Path(root) / name).is_dir()), None)
 
 
 def _official_marker(name: str, root: Path) -> Path | None:
-    """The file that shows an official (non-folder) layout of ``name``, or None if it has none."""
+    """Return the file whose presence shows an official (non-folder) layout of ``name``, or None."""
     if name == "stl10":
         return stl10.marker(root)
     if name in cifar.FORMATS:
@@ -76,7 +76,7 @@ def detect_layout(name: str, root: Path) -> str:
     """Return "folder" or "official" for a dataset root, or raise DataError explaining the fix."""
     if name not in SUPPORTED:
         raise DataError(f"unknown dataset {name!r}: supported datasets are {list(SUPPORTED)}")
-    if name != "stl10" and (root / "train").is_dir() and test_split_name(root):
+    if name != "stl10" and (root / "train").is_dir() and eval_split_folder(root):
         return "folder"
     marker = _official_marker(name, root)
     if marker is not None and marker.is_file():
@@ -158,7 +158,7 @@ def _decode_all(files: list[Path], threads: int) -> np.ndarray:
 
 def _read_folder_split(root: Path, split: str, subset: int | None, threads: int):
     if split == "test":
-        split = test_split_name(root) or "test"
+        split = eval_split_folder(root) or "test"
     files, labels, classes = folder_files(root / split)
     keep = balanced_indices(labels, subset)
     log.info("decoding %d of %d images from %s", len(keep), len(files), root / split)
@@ -180,7 +180,7 @@ def fetch_if_allowed(name: str, root: Path, allow_download: bool) -> None:
     if not allow_download or name not in DOWNLOADABLE:
         return
     marker = _official_marker(name, root)
-    folder = (root / "train").is_dir() and test_split_name(root) and name != "stl10"
+    folder = (root / "train").is_dir() and eval_split_folder(root) and name != "stl10"
     if folder or marker.is_file():
         return
     if name == "stl10":

@@ -1,6 +1,6 @@
 """ImageNet-style roots: WordNet-id class folders and class-list subsets (ImageNet-100).
 
-An ImageNet root holds ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG``, one folder per
+An ImageNet root contains ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG``, one folder per
 class named by its WordNet id (``n`` and eight digits), as ``torchvision.datasets.ImageFolder``
 reads it. The validation images must already be sorted into class folders (the official
 archive ships them flat; the usual ``valprep.sh`` script sorts them).
@@ -38,7 +38,7 @@ def read_class_list(path: Path) -> list[str]:
     ids = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
     ids = [wnid for wnid in ids if wnid]
     if not ids:
-        raise DataError(f"class list {path} holds no WordNet ids")
+        raise DataError(f"class list {path} contains no WordNet ids")
     bad = [wnid for wnid in ids if not WNID.match(wnid)]
     if bad:
         raise DataError(f"class list {path} has lines that are not WordNet ids (n + 8 digits): "

@@ -1,4 +1,4 @@
-"""Where training and evaluation get their uint8 images: one interface, two sources.
+"""Image sources for training and evaluation: one interface over a cache and a file index.
 
 - :class:`MemorySource` reads a uint8 cache (:func:`dcl.datasets.load_cache`) and, for
   pretraining, keeps the whole training set on the training device and gathers batches

@@ -23,7 +23,7 @@ SIDE = 96
 
 
 def marker(root: Path) -> Path:
-    """The file whose presence shows that ``root`` holds STL-10's binary files."""
+    """The file whose presence shows that ``root`` contains STL-10's binary files."""
     return Path(root) / FOLDER / "test_X.bin"
 
 
@@ -32,7 +32,7 @@ def read_images(path: Path) -> np.ndarray:
     raw = np.fromfile(path, dtype=np.uint8)
     per_image = 3 * SIDE * SIDE
     if raw.size % per_image:
-        raise ValueError(f"{path} holds {raw.size} bytes, not a multiple of {per_image} "
+        raise ValueError(f"{path} has {raw.size} bytes, not a multiple of {per_image} "
                          "(one 3×96×96 image): the file is truncated, download it again")
     return raw.reshape(-1, 3, SIDE, SIDE).transpose(0, 1, 3, 2).copy()
 

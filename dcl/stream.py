@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 from torchvision.transforms.v2 import functional as TF
 
 from dcl.atomic import atomic_path
-from dcl.datasets import DataError, folder_files, balanced_indices, detect_layout, test_split_name
+from dcl.datasets import DataError, folder_files, balanced_indices, detect_layout, eval_split_folder
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,12 @@ def build_index(name: str, root: Path, out: Path, train_subset: int | None = Non
     """
     root = Path(os.path.abspath(root))
     if detect_layout(name, root) != "folder":
-        raise DataError(f"data.source stream reads image folders, but {root} holds {name} in "
+        raise DataError(f"data.source stream reads image folders, but {root} contains {name} in "
                         "its official binary format: set data.source: memory for this dataset")
     arrays: dict[str, np.ndarray] = {}
     classes = {}
     for split, folder, subset in (("train", "train", train_subset),
-                                  ("test", test_split_name(root), test_subset)):
+                                  ("test", eval_split_folder(root), test_subset)):
         files, labels, classes[split] = folder_files(root / folder)
         keep = balanced_indices(labels, subset)
         arrays[f"{split}_files"] = np.asarray([str(files[i].relative_to(root)) for i in keep])
@@ -76,9 +77,15 @@ def build_index(name: str, root: Path, out: Path, train_subset: int | None = Non
 
 
 def is_index(path: Path) -> bool:
-    """True if ``path`` is a file index written by :func:`build_index`."""
-    with np.load(path) as data:
-        return "kind" in data.files and str(data["kind"]) == INDEX_KIND
+    """True if ``path`` is a file index written by :func:`build_index`.
+
+    An unreadable file is not an index; the cache loader then reports it with the fix.
+    """
+    try:
+        with np.load(path) as data:
+            return "kind" in data.files and str(data["kind"]) == INDEX_KIND
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
 
 
 def load_index(path: Path) -> dict[str, np.ndarray]:
@@ -148,7 +155,7 @@ class FileImages(torch.utils.data.Dataset):
 
 
 def loader(dataset: FileImages, batches: list, workers: int, pin: bool) -> torch.utils.data.DataLoader:
-    """A DataLoader yielding uint8 (B, 3, S, S) batches in the order of ``batches``."""
+    """Build a DataLoader that yields uint8 (B, 3, S, S) batches in the order of ``batches``."""
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, collate_fn=torch.stack,
         pin_memory=pin, persistent_workers=False, prefetch_factor=4 if workers else None)
