@@ -84,3 +84,56 @@ def test_source_mismatch_names_fix(root, tmp_path, prepared, asked):
 
     with pytest.raises(DataError, match=f"prepared for data.source {prepared}"):
         open_source(path, _settings(asked))
+
+
+def _stream_settings(workers: int) -> dict:
+    from dcl.config import validate_dataset_settings
+
+    return validate_dataset_settings({
+        "data": {"source": "stream", "workers": workers, "load_size": 28},
+        "model": {"backbone": "resnet18", "width": 2, "cifar_stem": True},
+        "augment": {"image_size": 24, "blur_p": 0.5},
+        "loss": {},
+        "pretrain": {"optimizer": "lars", "base_lr": 0.025, "warmup_epochs": 0.5,
+                     "knn_monitor_train": 12, "knn_monitor_test": 12},
+        "linear_eval": {}, "knn": {},
+    })
+
+
+def _stream_pretrain(index, run_dir, workers: int = 0):
+    import dcl.train
+    from dcl.tracking import Tracker
+
+    run = {"study": "test", "dataset": "imagenet", "loss": "dcl", "backbone": "resnet18",
+           "width": 2, "batch_size": 8, "epochs": 2, "seed": 0}
+    dcl.train.pretrain(_stream_settings(workers), run, index, run_dir, Tracker(None, "x"), threads=1)
+    return torch.load(run_dir / "backbone.pt", weights_only=True)
+
+
+@pytest.fixture()
+def cpu_training(monkeypatch):
+    import dcl.train
+
+    monkeypatch.setattr(dcl.train, "default_device", lambda: torch.device("cpu"))
+
+
+def test_stream_pretraining_resumes_identically(root, tmp_path, cpu_training):
+    index = build_index("imagenet", root, tmp_path / "i.npz")
+    whole = _stream_pretrain(index, tmp_path / "whole")
+    for name in ("pretrain.json", "backbone.pt", "checkpoints/epoch0002.pt"):
+        (tmp_path / "whole" / name).unlink()
+
+    resumed = _stream_pretrain(index, tmp_path / "whole")
+
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+
+
+def test_stream_pretraining_ignores_worker_count(root, tmp_path, cpu_training):
+    index = build_index("imagenet", root, tmp_path / "i.npz")
+
+    serial = _stream_pretrain(index, tmp_path / "serial", workers=0)
+    parallel = _stream_pretrain(index, tmp_path / "parallel", workers=2)
+
+    for key in serial:
+        assert torch.equal(serial[key], parallel[key]), key
