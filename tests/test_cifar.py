@@ -43,7 +43,7 @@ def cifar100_root(tmp_path):
     return root, write_cifar100(root, {"train": 3, "test": 1})
 
 
-def test_cifar100_cache_images_and_fine_labels(cifar100_root, tmp_path):
+def test_cifar100_cache_fine_labels(cifar100_root, tmp_path):
     root, written = cifar100_root
 
     cache = load_cache(build_cache("cifar100", root, tmp_path / "c.npz"))

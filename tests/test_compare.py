@@ -55,7 +55,7 @@ def test_matching_runs_within_tolerance(reference, tmp_path):
     assert row["status"] == "within"
 
 
-def test_matching_run_outside_tolerance_and_single_seed(reference, tmp_path):
+def test_single_seed_outside_tolerance(reference, tmp_path):
     runs = [write_run(tmp_path, 60.0, 0, epochs=100)]
 
     table = compare_table(load_reference(reference), load_runs(runs, "paper"), tolerance=1.0)
@@ -77,7 +77,7 @@ def test_tolerance_decides(reference, tmp_path):
     assert _row(strict, "dcl", 200)["status"] == "outside"
 
 
-def test_runs_matching_no_reference_leave_every_cell_missing(reference, tmp_path):
+def test_unmatched_runs_leave_cells_missing(reference, tmp_path):
     runs = [
         write_run(tmp_path, 70.0, 0, batch=512),            # no reference at batch 512
         write_run(tmp_path, 70.0, 0, study="cpu"),          # another study

@@ -44,7 +44,7 @@ def dry_run_jobs() -> list[tuple[str, str]]:
 
 
 @pytest.mark.slow
-def test_paper_dry_run_lists_the_same_jobs_every_time():
+def test_paper_dry_run_is_stable():
     first = dry_run_jobs()
 
     assert len(first) == EXPECTED_JOBS
