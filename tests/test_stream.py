@@ -100,3 +100,25 @@ def test_batches_do_not_depend_on_workers(root, tmp_path):
 def test_unknown_mode_raises(root):
     with pytest.raises(ValueError, match="mode"):
         FileImages(root, np.asarray([]), "train", 8)
+
+
+def test_missing_imagenet_root_shows_layout(tmp_path):
+    root = tmp_path / "imagenet"
+
+    with pytest.raises(DataError) as info:
+        build_index("imagenet", root, tmp_path / "i.npz")
+
+    message = str(info.value)
+    assert f"{root}/val/<wnid>/*.JPEG" in message
+    assert "does not exist" in message
+    assert "allow_download" not in message  # ImageNet cannot be downloaded
+
+
+def test_flat_val_folder_raises(root, tmp_path):
+    for folder in list((root / "val").iterdir()):
+        for image in folder.iterdir():
+            image.rename(root / "val" / image.name)
+        folder.rmdir()
+
+    with pytest.raises(DataError, match="no class folders"):
+        build_index("imagenet", root, tmp_path / "i.npz")
