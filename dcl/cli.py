@@ -1,6 +1,7 @@
 """The ``dcl`` command line: one subcommand per workflow step.
 
-    dcl prepare-data      decode a dataset once into a uint8 cache
+    dcl prepare-data      decode a dataset once into a uint8 cache, or index its files
+    dcl link-classes      link the classes of a class list from an ImageNet root (ImageNet-100)
     dcl pretrain          SimCLR pretraining with InfoNCE, DCL or DCLW
     dcl extract-features  frozen-backbone features of the train and test splits
     dcl linear-eval       linear probe top-1 (hyper-parameters chosen on held-out train data)
@@ -8,6 +9,7 @@
     dcl aggregate         tables and figures from per-run result files
     dcl difference        one loss minus another, paired by seed, against the seed spread
     dcl diagnostics       q_B and training-curve figures from per-run histories
+    dcl compare           the paper-vs-reproduced table from reference numbers and run results
     dcl log-summary       log a dataset's tables and figures to one MLflow run
     dcl launch            run any of these as a SLURM job through submitit, and wait
 
@@ -68,10 +70,29 @@ def _tracker(args: argparse.Namespace, run_dir: Path):
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> None:
+    if args.source == "stream":
+        from dcl.stream import build_index
+
+        build_index(args.dataset, Path(args.data_root), Path(args.out), args.train_subset,
+                    args.test_subset)
+        return
     from dcl.datasets import build_cache
 
     build_cache(args.dataset, Path(args.data_root), Path(args.out), args.train_subset,
                 args.test_subset, args.allow_download, args.threads)
+
+
+def cmd_link_classes(args: argparse.Namespace) -> None:
+    from dcl.imagenet import link_classes
+
+    link_classes(Path(args.class_list), Path(args.source), Path(args.out))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from dcl.compare import compare
+
+    compare(Path(args.reference), [Path(p) for p in args.results], args.study, args.tolerance,
+            Path(args.csv), Path(args.md))
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -229,7 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--test-subset", type=int, default=None, help="class-balanced test images")
     prep.add_argument("--allow-download", action="store_true", help="let torchvision download")
     prep.add_argument("--threads", type=int, default=2)
+    prep.add_argument("--source", choices=["memory", "stream"], default="memory",
+                      help="memory: uint8 cache of decoded images; stream: index of the image files")
     prep.set_defaults(func=cmd_prepare_data)
+
+    links = commands.add_parser("link-classes", help="link a class list's folders from an ImageNet root")
+    links.add_argument("--class-list", required=True, help="file with one WordNet id per line")
+    links.add_argument("--source", required=True, help="ImageNet-1K root with train/ and val/")
+    links.add_argument("--out", required=True, help="folder to create (train/<wnid> and val/<wnid> links)")
+    links.set_defaults(func=cmd_link_classes)
 
     pre = commands.add_parser("pretrain", help="SimCLR pretraining of one grid run")
     _add_settings(pre)
@@ -282,6 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     diag.add_argument("--curves-png", required=True, help="loss and q_B over epochs")
     diag.add_argument("results", nargs="*", help="pretrain.json files of the runs")
     diag.set_defaults(func=cmd_diagnostics)
+
+    cmp = commands.add_parser("compare", help="paper-vs-reproduced table")
+    cmp.add_argument("--reference", required=True, help="reference CSV (results/reference/paper.csv)")
+    cmp.add_argument("--study", required=True, help="only runs of this study are compared")
+    cmp.add_argument("--tolerance", type=float, default=1.0, help="top-1 points (default 1.0)")
+    cmp.add_argument("--csv", required=True)
+    cmp.add_argument("--md", required=True)
+    cmp.add_argument("results", nargs="*", help="linear.json and knn.json files of the runs")
+    cmp.set_defaults(func=cmd_compare)
 
     summary = commands.add_parser("log-summary", help="log tables and figures to a summary MLflow run")
     summary.add_argument("--dataset", required=True)

@@ -73,28 +73,62 @@ def validate_study(config: dict[str, Any], source: str = "the config") -> dict[s
             config[key] = config[key].lower() == "true"
     _validate(config, load_schema(), source)
 
-    _check_world_size(config, source)
     for name in config["grid"]["datasets"]:
         if name not in config["datasets"]:
             raise ConfigError(
                 f"grid.datasets lists {name!r} in {source}, but datasets.{name} is missing: "
                 f"add its settings under 'datasets:' or remove it from the grid"
             )
+    for section, overrides in (("grid.per_dataset", config["grid"]["per_dataset"]),
+                               ("slurm.datasets", config.get("slurm", {}).get("datasets", {}))):
+        for name in overrides:
+            if name not in config["datasets"]:
+                raise ConfigError(f"{section} names {name!r} in {source}, which has no section "
+                                  f"under 'datasets:'; choose one of {sorted(config['datasets'])}")
+    for name, settings in config["datasets"].items():
+        data = settings["data"]
+        if bool(data["class_list"]) != bool(data["parent"]):
+            raise ConfigError(
+                f"datasets.{name}.data in {source} sets only one of class_list and parent: a "
+                "class-list subset needs both (e.g. class_list: config/imagenet100-classes.txt, "
+                "parent: imagenet)")
+    _check_world_size(config, source)
     return config
+
+
+GRID_AXES = ("losses", "batch_sizes", "epochs", "seeds")
+
+
+def dataset_grid(config: dict[str, Any], name: str) -> dict[str, list]:
+    """The grid axes of dataset ``name``: ``grid.per_dataset.<name>`` over the shared axes."""
+    grid = config["grid"]
+    override = grid.get("per_dataset", {}).get(name, {})
+    return {axis: list(override.get(axis, grid[axis])) for axis in GRID_AXES}
+
+
+def slurm_job(config: dict[str, Any], kind: str, name: str | None = None) -> dict[str, Any]:
+    """Resources of step ``kind`` (pretrain, evaluate, prepare_data) for dataset ``name``.
+
+    ``slurm.datasets.<name>.<kind>`` overrides the keys it gives of ``slurm.<kind>``.
+    """
+    slurm = config["slurm"]
+    override = slurm.get("datasets", {}).get(name, {}).get(kind, {}) if name else {}
+    return {**slurm[kind], **override}
 
 
 def _check_world_size(config: dict[str, Any], source: str) -> None:
     """Under SLURM, every grid batch size must split evenly over the pretraining ranks."""
     if config["launcher"] != "slurm":
         return
-    job = config["slurm"]["pretrain"]
-    ranks = max(1, job["gpus_per_node"]) * job["nodes"]
-    uneven = [batch for batch in config["grid"]["batch_sizes"] if batch % ranks]
-    if uneven:
-        raise ConfigError(
-            f"grid.batch_sizes {uneven} in {source} do not divide over the {ranks} pretraining "
-            f"processes (slurm.pretrain: gpus_per_node={job['gpus_per_node']}, nodes={job['nodes']}): "
-            f"use batch sizes that are multiples of {ranks}, or fewer GPUs")
+    for name in config["grid"]["datasets"]:
+        job = slurm_job(config, "pretrain", name)
+        ranks = max(1, job["gpus_per_node"]) * job["nodes"]
+        uneven = [batch for batch in dataset_grid(config, name)["batch_sizes"] if batch % ranks]
+        if uneven:
+            raise ConfigError(
+                f"grid.batch_sizes {uneven} of {name} in {source} do not divide over the {ranks} "
+                f"pretraining processes (gpus_per_node={job['gpus_per_node']}, nodes={job['nodes']}): "
+                f"use batch sizes that are multiples of {ranks}, or fewer GPUs")
 
 
 def validate_dataset_settings(settings: dict[str, Any], source: str = "--settings") -> dict:

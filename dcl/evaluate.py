@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from dcl.atomic import atomic_path
 from dcl.augment import eval_transform
-from dcl.datasets import load_cache
 from dcl.models import ModelConfig, build_backbone
 from dcl.device import default_device
+from dcl.sources import open_source
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,17 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def embed(backbone: nn.Module, images: torch.Tensor, image_size: int, batch_size: int = 512) -> torch.Tensor:
     """Backbone features (float32, on the CPU) of uint8 (N, 3, H, W) images, in batches."""
+    batches = (images[start:start + batch_size] for start in range(0, len(images), batch_size))
+    return embed_batches(backbone, batches, image_size)
+
+
+@torch.no_grad()
+def embed_batches(backbone: nn.Module, batches, image_size: int) -> torch.Tensor:
+    """Backbone features (float32, on the CPU) of an iterable of uint8 (B, 3, H, W) batches."""
     device = next(backbone.parameters()).device
     chunks = []
-    for start in tqdm(range(0, len(images), batch_size), desc="features", mininterval=10, leave=False):
-        batch = images[start:start + batch_size].to(device)
-        chunks.append(backbone(eval_transform(batch, image_size=image_size)).float().cpu())
+    for batch in tqdm(batches, desc="features", mininterval=10, leave=False):
+        chunks.append(backbone(eval_transform(batch.to(device), image_size=image_size)).float().cpu())
     return torch.cat(chunks)
 
 
@@ -45,13 +51,13 @@ def extract_features(settings: dict, weights: Path, cache: Path, out: Path,
     backbone = build_backbone(ModelConfig(**settings["model"]))
     backbone.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     backbone.to(default_device()).eval()
-    data = load_cache(cache)
+    source = open_source(cache, settings)
     size = settings["augment"]["image_size"]
     arrays = {}
     for split in ("train", "test"):
-        images = torch.from_numpy(data[f"{split}_images"])
-        arrays[f"{split}_features"] = embed(backbone, images, size, batch_size).numpy()
-        arrays[f"{split}_labels"] = data[f"{split}_labels"]
+        batches = source.eval_batches(split, batch_size)
+        arrays[f"{split}_features"] = embed_batches(backbone, batches, size).numpy()
+        arrays[f"{split}_labels"] = source.labels(split)
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as handle:
             np.savez(handle, **arrays)

@@ -29,7 +29,7 @@ MISSING_CELL = "—"
 LINE_STYLES = ["-", "--", ":", "-."]
 
 
-def _load_result(path: Path) -> dict:
+def load_result(path: Path) -> dict:
     """Read one result file into a flat record, raising ValueError naming the file on any defect."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -65,7 +65,7 @@ def load_results(paths: Iterable[Path]) -> pd.DataFrame:
         ValueError: if a file is missing, is not valid JSON, or lacks a valid ``run``
             block (loss, batch_size, epochs, seed) or ``top1``. The message names the file.
     """
-    records = [_load_result(Path(path)) for path in paths]
+    records = [load_result(Path(path)) for path in paths]
     if not records:
         return pd.DataFrame(columns=[*REQUIRED_RUN_KEYS, "top1", "path"])
     return pd.DataFrame.from_records(records)

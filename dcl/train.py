@@ -23,13 +23,13 @@ from tqdm import tqdm
 from dcl import checkpoint, dist
 from dcl.atomic import atomic_path, remove_temporaries, write_json, write_text
 from dcl.augment import AugmentConfig, SimCLRAugment
-from dcl.datasets import balanced_indices, load_cache
 from dcl.device import default_device
 from dcl.evaluate import embed, knn_classify
 from dcl.losses import build_loss, npc_multiplier
 from dcl.models import ModelConfig, SimCLRModel
-from dcl.sync_bn import convert_sync_batchnorm
 from dcl.optim import build_optimizer, scaled_lr, warmup_cosine
+from dcl.sources import monitor_split, open_source
+from dcl.sync_bn import convert_sync_batchnorm
 from dcl.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -82,15 +82,15 @@ class Pretrainer:
         self.device = dist.init_from_env() if dist.env_world_size() > 1 else default_device()
         self.tracker = tracker if dist.is_main() else Tracker(None, tracker.experiment)
         self.shard = dist.shard(run["batch_size"])
-        # The uint8 training set lives on the training device; batches are gathered there.
-        data = load_cache(cache)
-        self.images = torch.from_numpy(data["train_images"]).to(self.device)
-        self.monitor = _monitor_split(data, settings["pretrain"])
+        # Uint8 batches come from the dataset's source (dcl.sources): gathered from a cache
+        # on the training device, or decoded from disk by DataLoader workers.
+        self.source = open_source(cache, settings, self.device)
+        self.monitor = monitor_split(self.source, settings["pretrain"])
         self.batch_size = run["batch_size"]
-        self.steps_per_epoch = len(self.images) // self.batch_size
+        self.steps_per_epoch = len(self.source) // self.batch_size
         if self.steps_per_epoch < 1:
             raise ValueError(
-                f"batch size {self.batch_size} is larger than the {len(self.images)} training "
+                f"batch size {self.batch_size} is larger than the {len(self.source)} training "
                 "images: lower the batch size or enlarge train_subset")
 
         opt = settings["pretrain"]
@@ -236,16 +236,17 @@ class Pretrainer:
     def train_epoch(self) -> dict[str, float]:
         started = time.perf_counter()
         self.model.train()
-        order = torch.randperm(len(self.images), generator=self.sampler_rng)
+        order = torch.randperm(len(self.source), generator=self.sampler_rng)
         every = self.settings["pretrain"]["qb_every_steps"]
         losses, stats = [], {"q_b": [], "pos_sim": [], "neg_sim": []}
         bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{self.run['epochs']}",
                    mininterval=10, leave=False)
-        for step in bar:
-            # This rank's slice of the global batch (all of it in one process).
-            index = order[step * self.batch_size:(step + 1) * self.batch_size][self.shard]
+        # Each rank fetches only its slice of every global batch (all of it in one process).
+        indices = [order[step * self.batch_size:(step + 1) * self.batch_size][self.shard]
+                   for step in range(self.steps_per_epoch)]
+        for step, batch in zip(bar, self.source.batches(indices, self.sampler_rng)):
             global_step = self.epoch * self.steps_per_epoch + step
-            losses.append(self._step(self.images[index], global_step, stats, step % every == 0))
+            losses.append(self._step(batch, global_step, stats, step % every == 0))
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
         self.epoch += 1
@@ -326,18 +327,6 @@ class Pretrainer:
         self.tracker.finish("FINISHED")
         write_json(self.run_dir / "pretrain.json", result)
         return result
-
-
-def _monitor_split(data: dict, settings: dict) -> dict[str, torch.Tensor]:
-    """Fixed class-balanced subsets of both splits for the kNN monitor (at most the split's size)."""
-    subset = {}
-    for split in ("train", "test"):
-        labels = data[f"{split}_labels"]
-        count = min(settings[f"knn_monitor_{split}"], len(labels))
-        index = balanced_indices(labels, count)
-        subset[f"{split}_images"] = torch.from_numpy(data[f"{split}_images"][index])
-        subset[f"{split}_labels"] = torch.from_numpy(labels[index])
-    return subset
 
 
 def _metrics(summary: dict[str, float]) -> dict[str, float]:

@@ -10,7 +10,9 @@ from dcl.config import (
     REPO_ROOT,
     ConfigError,
     data_root,
+    dataset_grid,
     load_study,
+    slurm_job,
     tracking_uri,
     validate_dataset_settings,
     validate_study,
@@ -42,8 +44,52 @@ def _minimal() -> dict:
 def test_shipped_config_validates(name):
     config = load_study(REPO_ROOT / name)
 
-    assert config["grid"]["datasets"] == ["cifar10"]
-    assert "cifar10" in config["datasets"]
+    expected = (["cifar10", "cifar100", "stl10", "imagenet100", "imagenet"]
+                if name == "config/config.yaml" else ["cifar10"])
+    assert config["grid"]["datasets"] == expected
+    assert set(expected) <= set(config["datasets"])
+
+
+def test_paper_grid_per_dataset():
+    config = load_study(REPO_ROOT / "config" / "config.yaml")
+
+    imagenet = dataset_grid(config, "imagenet")
+    assert imagenet["batch_sizes"] == [32, 64, 128, 256, 512, 1024]
+    assert imagenet["epochs"] == [100, 200]
+    assert dataset_grid(config, "cifar100")["batch_sizes"] == [32, 64, 128, 256, 512]
+    assert dataset_grid(config, "cifar100")["seeds"] == [0, 1, 2]
+    assert config["datasets"]["imagenet"]["model"]["backbone"] == "resnet50"
+    assert config["datasets"]["imagenet"]["augment"]["blur_p"] == 0.5
+    assert config["datasets"]["imagenet100"]["data"]["class_list"] == "config/imagenet100-classes.txt"
+    assert config["datasets"]["stl10"]["augment"]["image_size"] == 96
+
+
+def test_slurm_override_per_dataset():
+    config = load_study(REPO_ROOT / "config" / "config.yaml")
+
+    assert slurm_job(config, "pretrain", "imagenet")["gpus_per_node"] == 8
+    assert slurm_job(config, "pretrain", "imagenet")["nodes"] == 1  # not overridden
+    assert slurm_job(config, "pretrain", "cifar10") == config["slurm"]["pretrain"]
+
+
+@pytest.mark.parametrize("section", ["per_dataset", "slurm"])
+def test_override_of_unknown_dataset_raises(section):
+    config = _minimal()
+    if section == "per_dataset":
+        config["grid"]["per_dataset"] = {"stl10": {"seeds": [0]}}
+    else:
+        config["slurm"] = {"datasets": {"stl10": {"pretrain": {"gpus_per_node": 2}}}}
+
+    with pytest.raises(ConfigError, match="'stl10'"):
+        validate_study(config)
+
+
+def test_class_list_without_parent_raises():
+    config = _minimal()
+    config["datasets"]["cifar10"]["data"] = {"class_list": "config/imagenet100-classes.txt"}
+
+    with pytest.raises(ConfigError, match="datasets.cifar10.data"):
+        validate_study(config)
 
 
 def test_defaults_filled():
@@ -101,7 +147,7 @@ def _set(config: dict, path: str, value) -> None:
 # (key to change, new value, key path in the message, bad value as the message shows it)
 BAD_VALUES = [
     ("grid.losses", ["infonce", "simclr"], "grid.losses.1", "'simclr'"),
-    ("grid.datasets", ["imagenet"], "grid.datasets.0", "'imagenet'"),
+    ("grid.datasets", ["mnist"], "grid.datasets.0", "'mnist'"),
     ("grid.batch_sizes", [0], "grid.batch_sizes.0", "0"),
     ("grid.batch_sizes", [32, -1], "grid.batch_sizes.1", "-1"),
     ("grid.batch_sizes", ["32"], "grid.batch_sizes.0", "'32'"),

@@ -881,7 +881,7 @@ def case_batch_world_size(where):
     config = _study(where, {"tracking_uri": "none", "launcher": "slurm",
                             "slurm.pretrain.gpus_per_node": 3})
     return Case(["all", "--configfile", str(config), "--cores", "1"],
-                names=["grid.batch_sizes [32, 64]", "gpus_per_node=3"],
+                names=["grid.batch_sizes [32, 64] of cifar10", "gpus_per_node=3"],
                 advice="multiples of 3", runner="snakemake")
 
 

@@ -4,7 +4,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from dcl.config import data_root, tracking_uri, validate_study
+from dcl.config import data_root, dataset_grid, slurm_job, tracking_uri, validate_study
 
 _validated = validate_study(config, source=", ".join(map(str, workflow.configfiles)) or "config")
 config.clear()
@@ -16,20 +16,25 @@ DCL = f"{shlex.quote(sys.executable)} -m dcl"
 TRACKING = tracking_uri(config) or "none"
 DATA_ROOT = shlex.quote(str(data_root(config)))
 ARTIFACTS = f"{ROOT}/mlartifacts"
+# The paper-vs-reproduced table is built for the paper study only: runs of other
+# studies (CPU-scale, smoke) use other epochs and widths and never match a paper key.
+COMPARE = config["study"] == "paper"
 SLURM = config["launcher"] == "slurm"
 # Under SLURM a rule is a local job that only waits for its submitted job.
 LOCAL_THREADS = 1 if SLURM else config["threads"]
 
 
-def launch_prefix(kind):
+def launch_prefix(kind, dataset=None):
     """``launch [resources] --`` before a dcl step when the launcher is SLURM, else nothing.
 
-    Not a rule parameter: switching launchers must not rerun finished jobs.
+    ``dataset``'s entry in ``slurm.datasets`` overrides the step's resources. Not a rule
+    parameter (rules pass it as a string resource): switching launchers or resizing jobs
+    must not rerun finished jobs.
     """
     if not SLURM:
         return ""
     slurm = config["slurm"]
-    job = slurm[kind]
+    job = slurm_job(config, kind, dataset)
     words = ["launch", "--job-dir", "auto", "--time-min", str(job["time_min"]),
              "--cpus-per-task", str(job["cpus_per_task"]),
              "--gpus-per-node", str(job["gpus_per_node"]), "--nodes", str(job["nodes"])]
@@ -44,9 +49,9 @@ def launch_prefix(kind):
     return " ".join(words) + " -- "
 
 
-LAUNCH_PREPARE = launch_prefix("prepare_data")
-LAUNCH_PRETRAIN = launch_prefix("pretrain")
-LAUNCH_EVALUATE = launch_prefix("evaluate")
+def launch(kind):
+    """A rule resource: the launch prefix of step ``kind`` for the job's dataset."""
+    return lambda wildcards: launch_prefix(kind, wildcards.dataset)
 
 # One run folder per grid cell; every segment is a key=value-free literal, so no
 # wildcard can be split two ways.
@@ -75,6 +80,16 @@ def arch(dataset):
     """Path segment naming the backbone and its width, e.g. resnet18-w64."""
     model = dataset_settings(dataset)["model"]
     return f"{model['backbone']}-w{model['width']}"
+
+
+def grid_of(dataset):
+    """The dataset's grid axes: grid.per_dataset.<dataset> over the shared axes."""
+    return dataset_grid(config, dataset)
+
+
+def linked_datasets():
+    """Datasets that are a class list of another dataset, linked under ROOT/data/."""
+    return [name for name, settings in config["datasets"].items() if settings["data"]["class_list"]]
 
 
 def settings_arg(wildcards):
@@ -112,14 +127,15 @@ def cache_unless_done(*results):
 
 def run_files(dataset, name):
     """``name`` (e.g. linear.json) of every grid run of ``dataset``."""
+    grid = grid_of(dataset)
     return expand(
         RUN + "/" + name,
         dataset=dataset,
         arch=arch(dataset),
-        loss=GRID["losses"],
-        batch=GRID["batch_sizes"],
-        epochs=GRID["epochs"],
-        seed=GRID["seeds"],
+        loss=grid["losses"],
+        batch=grid["batch_sizes"],
+        epochs=grid["epochs"],
+        seed=grid["seeds"],
     )
 
 
@@ -146,11 +162,14 @@ def all_targets():
             f"{ROOT}/figures/{dataset}_curves.png",
         ]
         # DCL and DCLW minus InfoNCE, paired by seed, when the grid has both losses.
-        if "infonce" in GRID["losses"]:
+        losses = grid_of(dataset)["losses"]
+        if "infonce" in losses:
             targets += [f"{ROOT}/tables/{dataset}_{method}_minus_infonce.csv"
-                        for method in ("dcl", "dclw") if method in GRID["losses"]]
+                        for method in ("dcl", "dclw") if method in losses]
         if TRACKING != "none":
             targets.append(f"{ROOT}/tables/{dataset}_mlflow_summary.json")
+    if COMPARE:
+        targets.append(f"{ROOT}/tables/paper_vs_reproduced.csv")
     return targets
 
 

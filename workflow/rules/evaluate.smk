@@ -11,11 +11,13 @@ rule extract_features:
         settings=settings_arg,
         run_dir=run_dir,
         cache=cache_path,
+    resources:
+        launch=launch("evaluate"),
     threads: LOCAL_THREADS
     log:
         RUN + "/features.log",
     shell:
-        "{DCL} {LAUNCH_EVALUATE}extract-features --settings {params.settings} --dataset {wildcards.dataset} "
+        "{DCL} {resources.launch}extract-features --settings {params.settings} --dataset {wildcards.dataset} "
         "--run-dir {params.run_dir:q} --cache {params.cache:q} --threads {threads} > {log:q} 2>&1"
 
 
@@ -30,11 +32,13 @@ rule linear_eval:
     params:
         settings=settings_arg,
         run_dir=run_dir,
+    resources:
+        launch=launch("evaluate"),
     threads: LOCAL_THREADS
     log:
         RUN + "/linear.log",
     shell:
-        "{DCL} {LAUNCH_EVALUATE}linear-eval --settings {params.settings} --dataset {wildcards.dataset} "
+        "{DCL} {resources.launch}linear-eval --settings {params.settings} --dataset {wildcards.dataset} "
         "--run-dir {params.run_dir:q} --study {config[study]} --tracking-uri {TRACKING:q} "
         "--artifact-root {ARTIFACTS:q} --threads {threads} > {log:q} 2>&1"
 
@@ -50,10 +54,12 @@ rule knn:
     params:
         settings=settings_arg,
         run_dir=run_dir,
+    resources:
+        launch=launch("evaluate"),
     threads: LOCAL_THREADS
     log:
         RUN + "/knn.log",
     shell:
-        "{DCL} {LAUNCH_EVALUATE}knn --settings {params.settings} --dataset {wildcards.dataset} "
+        "{DCL} {resources.launch}knn --settings {params.settings} --dataset {wildcards.dataset} "
         "--run-dir {params.run_dir:q} --study {config[study]} --tracking-uri {TRACKING:q} "
         "--artifact-root {ARTIFACTS:q} --threads {threads} > {log:q} 2>&1"

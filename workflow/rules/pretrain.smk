@@ -11,11 +11,13 @@ rule pretrain:
         settings=settings_arg,
         run_dir=run_dir,
         cache=cache_path,
+    resources:
+        launch=launch("pretrain"),
     threads: LOCAL_THREADS
     log:
         RUN + "/pretrain.log",
     shell:
-        "{DCL} {LAUNCH_PRETRAIN}pretrain --settings {params.settings} --dataset {wildcards.dataset} "
+        "{DCL} {resources.launch}pretrain --settings {params.settings} --dataset {wildcards.dataset} "
         "--loss {wildcards.loss} --batch-size {wildcards.batch} --epochs {wildcards.epochs} "
         "--seed {wildcards.seed} --cache {params.cache:q} --run-dir {params.run_dir:q} "
         "--study {config[study]} --tracking-uri {TRACKING:q} --artifact-root {ARTIFACTS:q} "
