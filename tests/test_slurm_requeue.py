@@ -29,7 +29,7 @@ from workflow_helpers import REPO, data_root, needs_cifar10
 
 pytestmark = [pytest.mark.slow, needs_cifar10, needs_slurm]
 
-EPOCHS = 20
+EPOCHS = 15
 # One thread in the job (SLURM_CPUS_PER_TASK=1) and in the reference run: bit-identical.
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_WAIT_POLICY": "PASSIVE",
        "PYTHONPATH": str(REPO)}

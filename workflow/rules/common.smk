@@ -14,6 +14,10 @@ ROOT = config["output_root"].rstrip("/")
 GRID = config["grid"]
 DCL = f"{shlex.quote(sys.executable)} -m dcl"
 TRACKING = tracking_uri(config) or "none"
+# Where pretrain and evaluation jobs log: the main store, or with tracking_store: per_run
+# each job's own <run>/mlflow/<step>.db, which rule import_runs copies into TRACKING.
+PER_RUN_STORES = config["tracking_store"] == "per_run" and TRACKING != "none"
+JOB_TRACKING = "per-run" if PER_RUN_STORES else TRACKING
 DATA_ROOT = shlex.quote(str(data_root(config)))
 ARTIFACTS = f"{ROOT}/mlartifacts"
 SLURM = config["launcher"] == "slurm"
@@ -106,4 +110,6 @@ def all_targets():
         ]
         if TRACKING != "none":
             targets.append(f"{ROOT}/tables/{dataset}_mlflow_summary.json")
+        if PER_RUN_STORES:
+            targets.append(f"{ROOT}/tables/{dataset}_mlflow_import.json")
     return targets

@@ -17,5 +17,5 @@ rule pretrain:
         "{DCL} {LAUNCH_PRETRAIN}pretrain --settings {params.settings} --dataset {wildcards.dataset} "
         "--loss {wildcards.loss} --batch-size {wildcards.batch} --epochs {wildcards.epochs} "
         "--seed {wildcards.seed} --cache {input.cache:q} --run-dir {params.run_dir:q} "
-        "--study {config[study]} --tracking-uri {TRACKING:q} --artifact-root {ARTIFACTS:q} "
+        "--study {config[study]} --tracking-uri {JOB_TRACKING:q} --artifact-root {ARTIFACTS:q} "
         "--threads {threads} > {log:q} 2>&1"
