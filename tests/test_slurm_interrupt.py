@@ -52,7 +52,7 @@ def start_snakemake(config: Path, runs: list[Path], log: Path) -> subprocess.Pop
     with log.open("w") as sink:
         return subprocess.Popen(
             ["nice", "-n", "10", "timeout", "-k", "30", "900", *SNAKEMAKE, "--profile", "slurm",
-             "--cores", "1", "--configfile", str(config), *targets],
+             "--cores", "1", *targets, "--configfile", str(config)],
             cwd=REPO, env=ENV, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -62,6 +62,12 @@ def running_with_checkpoint(run: Path) -> str | None:
     if job_id is None or not (run / "checkpoints" / "epoch0001.pt").is_file():
         return None
     return job_id if job_state(job_id) == "RUNNING" else None
+
+
+def alive(process: subprocess.Popen, log: Path) -> None:
+    """Fail the test, showing the console, if snakemake has already exited."""
+    if process.poll() is not None:
+        pytest.fail(f"snakemake exited with {process.returncode}:\n{log.read_text()[-3000:]}")
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -81,6 +87,7 @@ def test_cancelled_job_fails_rule_then_rerun_finishes(tmp_path, slurm_cluster):
     first = start_snakemake(config, runs, tmp_path / "first.log")
     try:
         def second_running():
+            alive(first, tmp_path / "first.log")
             done = [run for run in runs if (run / "pretrain.json").is_file()]
             others = [run for run in runs if run not in done]
             if len(done) == 1 and running_with_checkpoint(others[0]):
@@ -119,7 +126,11 @@ def test_restarted_workflow_attaches_to_running_job(tmp_path, slurm_cluster):
     run = runs[0]
     first = start_snakemake(config, runs, tmp_path / "first.log")
     try:
-        job_id = wait_until(lambda: running_with_checkpoint(run), "the pretraining job to run", 600)
+        def job_running():
+            alive(first, tmp_path / "first.log")
+            return running_with_checkpoint(run)
+
+        job_id = wait_until(job_running, "the pretraining job to run", 600)
         os.kill(first.pid, signal.SIGTERM)  # timeout forwards it to snakemake
         first.wait(timeout=120)
     finally:
