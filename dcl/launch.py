@@ -13,8 +13,8 @@ for long jobs).
 - Restarted workflow: the job id is stored in ``<job_dir>/job_id``; a launcher that finds
   a job still pending or running there attaches to it instead of submitting a duplicate.
 - A failed or cancelled job raises :class:`LaunchError` with its state and log paths.
-  submitit polls ``sacct`` at most once a minute, so a cancelled job fails its rule within
-  about a minute.
+  submitit polls ``sacct`` at least once a minute (more often in a job's first minutes),
+  so a cancelled job fails its rule within about a minute.
 - A job requeued after it wrote its result (``scontrol requeue`` late in the job) runs
   again; the launcher waits until SLURM no longer queues or runs it, and accepts the
   result only if the last attempt ended COMPLETED.

@@ -38,7 +38,7 @@ METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 
 
 def stores(run_dirs: list[Path]) -> list[Path]:
-    """The per-job stores (``mlflow/*.db``) of ``run_dirs``, pretraining stores first."""
+    """List the per-job stores (``mlflow/*.db``) of ``run_dirs``, pretraining stores first."""
     def order(path: Path) -> tuple[int, str]:
         rank = STAGE_ORDER.index(path.stem) if path.stem in STAGE_ORDER else len(STAGE_ORDER)
         return rank, str(path)

@@ -1,7 +1,7 @@
 """Helpers for tests that submit to a real SLURM cluster (slurm/local-cluster.sh start).
 
 Tests that need a cluster carry ``needs_slurm``: they are skipped, with the reason shown by
-``pytest -ra``, when no cluster answers, unless DCL_REQUIRE_SLURM=1 (as in CI), where the
+``pytest -ra``, when no cluster responds, unless DCL_REQUIRE_SLURM=1 (as in CI), where the
 ``slurm_cluster`` fixture fails them instead.
 """
 
@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 
 REQUIRED = os.environ.get("DCL_REQUIRE_SLURM") == "1"
-NO_CLUSTER = "no SLURM cluster answers sinfo (start one with slurm/local-cluster.sh start)"
+NO_CLUSTER = "no SLURM cluster responds to sinfo (start one with slurm/local-cluster.sh start)"
 # Seconds to wait for a job to reach a state; the test machine has 2 cores and may be busy.
 WAIT_S = 240
 
 
 @functools.lru_cache(maxsize=1)
 def slurm_idle() -> bool:
-    """Whether ``sinfo`` answers and shows a node that can take jobs."""
+    """Return whether ``sinfo`` runs and lists a node that can take jobs."""
     if shutil.which("sinfo") is None:
         return False
     try:
@@ -43,7 +43,7 @@ needs_slurm = pytest.mark.skipif(
 
 @pytest.fixture
 def slurm_cluster() -> None:
-    """Fail the test when DCL_REQUIRE_SLURM=1 and no cluster answers."""
+    """Fail the test when DCL_REQUIRE_SLURM=1 and no cluster responds."""
     if not slurm_idle():
         pytest.fail(f"DCL_REQUIRE_SLURM=1 but {NO_CLUSTER}")
 

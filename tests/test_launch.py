@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from dcl.cli import main
-from dcl.launch import LaunchError, SlurmResources, StepTask, _with_job_threads, launch
+from dcl.launch import LaunchError, SlurmResources, StepTask, _wait, _with_job_threads, launch
 from slurm_helpers import needs_slurm, sacct, slurm_cluster  # noqa: F401 - slurm_cluster is a fixture
 
 
@@ -97,3 +97,27 @@ def test_slurm_job_visible_in_sacct(tmp_path, slurm_cluster):
     assert code == 0
     assert sacct([job_id], "State") == [["COMPLETED"]]
     assert (tmp_path / "t.csv").is_file()
+
+
+def fake_slurm_job(tmp_path, monkeypatch, states):
+    """A SlurmJob whose result exists and whose sacct states are ``states``, in order."""
+    import submitit
+
+    job = submitit.SlurmJob(folder=tmp_path, job_id="123")
+    calls = {"result": 0}
+    monkeypatch.setattr(job, "result", lambda: calls.__setitem__("result", calls["result"] + 1))
+    sequence = iter(states)
+    monkeypatch.setattr(job.watcher, "get_state", lambda job_id, mode="standard": next(sequence))
+    return job, calls
+
+
+def test_wait_outlasts_requeue_after_result(tmp_path, monkeypatch):
+    job, calls = fake_slurm_job(tmp_path, monkeypatch, ["REQUEUED", "PENDING", "RUNNING", "COMPLETED"])
+    _wait(job, poll_s=0)
+    assert calls["result"] == 2  # read again after the last attempt ended
+
+
+def test_wait_rejects_result_of_cancelled_attempt(tmp_path, monkeypatch):
+    job, _ = fake_slurm_job(tmp_path, monkeypatch, ["RUNNING", "CANCELLED by 0"])
+    with pytest.raises(LaunchError, match="CANCELLED"):
+        _wait(job, poll_s=0)

@@ -26,8 +26,8 @@ from workflow_helpers import REPO, SNAKEMAKE, data_root, needs_cifar10, write_co
 pytestmark = [pytest.mark.slow, needs_cifar10, needs_slurm]
 
 EPOCHS = 15
-# Seconds within which a cancelled job must fail its rule: submitit polls sacct at most
-# once a minute, and a rule's launcher started less than a minute ago polls more often.
+# Seconds within which a cancelled job must fail its rule. submitit polls sacct at least
+# once a minute, and more often while the launcher is young.
 CANCEL_FAILS_WITHIN_S = 120
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(REPO)}
 
