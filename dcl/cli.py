@@ -56,7 +56,7 @@ def _run_block(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, 
 
 
 def _tracker(args: argparse.Namespace, run_dir: Path, stage: str = "summary"):
-    """The step's Tracker; ``--tracking-uri per-run`` logs to ``<run_dir>/mlflow/<stage>.db``."""
+    """Create the step's Tracker. With ``--tracking-uri per-run`` it logs to ``<run_dir>/mlflow/<stage>.db``."""
     from dcl.tracking import PER_RUN, Tracker, per_run_store, sqlite_file
 
     uri = None if args.tracking_uri in (None, "none") else args.tracking_uri
@@ -168,7 +168,8 @@ def cmd_import_runs(args: argparse.Namespace) -> None:
     from dcl.track_import import import_runs, stores
 
     if args.tracking_uri in (None, "none", "per-run"):
-        raise ConfigError(f"--tracking-uri must name the main store, got {args.tracking_uri!r}")
+        raise ConfigError(f"--tracking-uri must name the main store (a sqlite:/// or http:// URI), "
+                          f"got {args.tracking_uri!r}")
     found = stores([Path(run) for run in args.runs])
     artifacts = Path(args.artifact_root) if args.artifact_root else None
     report = import_runs(found, args.tracking_uri, artifacts)

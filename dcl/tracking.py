@@ -90,8 +90,8 @@ def per_run_store(run_dir: Path, stage: str) -> tuple[str, Path]:
     """The tracking URI and artifact folder of one job's own store: ``<run_dir>/mlflow/<stage>.db``.
 
     With ``tracking_store: per_run`` every job writes its own sqlite file, so no two
-    processes (or nodes) ever write one file; ``dcl import-runs`` copies the finished
-    runs into the study's main store.
+    processes (or nodes) write one file. ``dcl import-runs`` copies the finished runs
+    into the study's main store.
     """
     folder = Path(run_dir).resolve() / "mlflow"
     return f"sqlite:///{folder / f'{stage}.db'}", folder / "artifacts"
