@@ -11,6 +11,7 @@
     dcl diagnostics       q_B and training-curve figures from per-run histories
     dcl compare           the paper-vs-reproduced table from reference numbers and run results
     dcl log-summary       log a dataset's tables and figures to one MLflow run
+    dcl import-runs       copy runs from per-job MLflow stores into the main store
     dcl launch            run any of these as a SLURM job through submitit, and wait
 
 Every step that trains or evaluates takes its dataset settings either from a
@@ -57,11 +58,14 @@ def _run_block(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, 
             "batch_size": args.batch_size, "epochs": args.epochs, "seed": args.seed}
 
 
-def _tracker(args: argparse.Namespace, run_dir: Path):
-    from dcl.tracking import Tracker, sqlite_file
+def _tracker(args: argparse.Namespace, run_dir: Path, stage: str = "summary"):
+    """Create the step's Tracker. With ``--tracking-uri per-run`` it logs to ``<run_dir>/mlflow/<stage>.db``."""
+    from dcl.tracking import PER_RUN, Tracker, per_run_store, sqlite_file
 
     uri = None if args.tracking_uri in (None, "none") else args.tracking_uri
     artifacts = Path(args.artifact_root) if args.artifact_root else None
+    if uri == PER_RUN:
+        uri, artifacts = per_run_store(run_dir, stage)
     database = sqlite_file(uri) if uri else None
     if artifacts is None and database is not None:
         # Without this MLflow would write artifacts to ./mlruns of the working folder.
@@ -106,7 +110,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
                 f"--{name.replace('_', '-')} must be >= {lowest}, got {getattr(args, name)}")
     run_dir = Path(args.run_dir)
     pretrain(settings, _run_block(args, settings), Path(args.cache), run_dir,
-             _tracker(args, run_dir), args.threads)
+             _tracker(args, run_dir, "pretrain"), args.threads)
 
 
 def cmd_extract_features(args: argparse.Namespace) -> None:
@@ -137,7 +141,7 @@ def _evaluate(args: argparse.Namespace, stage: str) -> None:
         result = knn_classify(features, settings["knn"]["k"], settings["knn"]["temperature"])
         params = settings["knn"]
 
-    tracker = _tracker(args, run_dir)
+    tracker = _tracker(args, run_dir, stage)
     parent = pretrained.get("mlflow_run_id")
     tags = {key: str(value) for key, value in pretrained["run"].items()} | {"stage": stage}
     if parent:
@@ -192,6 +196,19 @@ def cmd_log_summary(args: argparse.Namespace) -> None:
     write_json(Path(args.out), {"mlflow_run_id": tracker.run_id, "artifacts": args.files})
 
 
+def cmd_import_runs(args: argparse.Namespace) -> None:
+    from dcl.atomic import write_json
+    from dcl.track_import import import_runs, stores
+
+    if args.tracking_uri in (None, "none", "per-run"):
+        raise ConfigError(f"--tracking-uri must name the main store (a sqlite:/// or http:// URI), "
+                          f"got {args.tracking_uri!r}")
+    found = stores([Path(run) for run in args.runs])
+    artifacts = Path(args.artifact_root) if args.artifact_root else None
+    report = import_runs(found, args.tracking_uri, artifacts)
+    write_json(Path(args.out), {"stores": [str(path) for path in found], **report})
+
+
 def cmd_launch(args: argparse.Namespace) -> None:
     from dcl.launch import SlurmResources, launch
 
@@ -232,7 +249,8 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
 def _add_tracking(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study", default="adhoc", help="study name (MLflow experiment prefix)")
     parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI, e.g. sqlite:///results/cpu/mlflow.db; 'none' disables")
+                        help="MLflow tracking URI, e.g. sqlite:///results/cpu/mlflow.db; 'none' "
+                        "disables; 'per-run' logs to <run-dir>/mlflow/<step>.db")
     parser.add_argument("--artifact-root", default=None, help="folder for MLflow artifacts")
 
 
@@ -327,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--out", required=True, help="JSON file recording the summary run id")
     summary.add_argument("files", nargs="+", help="tables and figures to log as artifacts")
     summary.set_defaults(func=cmd_log_summary)
+
+    imports = commands.add_parser("import-runs", help="copy per-job MLflow stores into the main store")
+    _add_tracking(imports)
+    imports.add_argument("--out", required=True, help="JSON file listing what was imported")
+    imports.add_argument("runs", nargs="+", help="run folders holding mlflow/<stage>.db stores")
+    imports.set_defaults(func=cmd_import_runs)
 
     job = commands.add_parser("launch", help="run a step as a SLURM job through submitit and wait")
     job.add_argument("--job-dir", required=True,

@@ -13,12 +13,18 @@ for long jobs).
 - Restarted workflow: the job id is stored in ``<job_dir>/job_id``; a launcher that finds
   a job still pending or running there attaches to it instead of submitting a duplicate.
 - A failed or cancelled job raises :class:`LaunchError` with its state and log paths.
+  submitit polls ``sacct`` at least once a minute (more often in a job's first minutes),
+  so a cancelled job fails its rule within about a minute.
+- A job requeued after it wrote its result (``scontrol requeue`` late in the job) runs
+  again; the launcher waits until SLURM no longer queues or runs it, and accepts the
+  result only if the last attempt ended COMPLETED.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,7 +133,7 @@ def launch(argv: list[str], job_dir: Path, resources: SlurmResources,
         write_text(job_dir / "job_id", f"{job.job_id}\n")
         log.info("submitted %s as job %s (logs in %s)", name, job.job_id, job_dir)
     try:
-        job.result()
+        _wait(job)
     except Exception as error:  # noqa: BLE001 - submitit raises several types for failed jobs
         state = getattr(job, "state", "UNKNOWN")
         raise LaunchError(
@@ -136,3 +142,25 @@ def launch(argv: list[str], job_dir: Path, resources: SlurmResources,
             "Fix the cause shown in the log and rerun the workflow; finished runs are kept."
         ) from error
     log.info("job %s (%s) finished", job.job_id, name)
+
+
+def _wait(job: submitit.Job, poll_s: float = 2.0, max_poll_s: float = 60.0) -> None:
+    """Wait for ``job``'s result; for a SLURM job, also until SLURM reports it COMPLETED.
+
+    The result file alone is not enough: a job requeued after writing it runs again.
+    Polls ``sacct`` every ``poll_s`` seconds, doubling up to ``max_poll_s``.
+    """
+    job.result()
+    if not isinstance(job, submitit.SlurmJob):
+        return
+    state = job.watcher.get_state(job.job_id, mode="force")
+    unknown_left = 5  # sacct may not list a job that ended a moment ago
+    while state in ACTIVE_STATES or (state == "UNKNOWN" and unknown_left > 0):
+        unknown_left -= state == "UNKNOWN"
+        log.info("job %s wrote its result but is %s; waiting for its last attempt", job.job_id, state)
+        time.sleep(poll_s)
+        poll_s = min(2 * poll_s, max_poll_s)
+        state = job.watcher.get_state(job.job_id, mode="force")
+    job.result()  # the last attempt's result, or its error
+    if state not in ("COMPLETED", "UNKNOWN"):
+        raise LaunchError(f"SLURM reports state {state} after the job wrote its result")

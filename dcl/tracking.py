@@ -7,6 +7,10 @@ MLflow UI nests them. Metrics are sent in batches with ``log_batch``.
 Several jobs may start at once against one sqlite store, so creating the
 experiment and the first writes are retried with back-off instead of failing
 on "database is locked" or on a race to create the same experiment.
+
+Where compute nodes cannot reach a tracking server, each job can instead log to its
+own store in its run folder (:func:`per_run_store`, the CLI's ``--tracking-uri per-run``);
+``dcl.track_import`` copies those runs into the main store.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ T = TypeVar("T")
 
 RETRIES = 8
 TOKEN_TAG = "dcl.run_token"
+PER_RUN = "per-run"  # --tracking-uri value: log to the job's own store in its run folder
 
 
-def _retry(action: Callable[[], T], what: str) -> T:
+def retry(action: Callable[[], T], what: str) -> T:
     """Run ``action``, retrying transient store errors with jittered exponential back-off."""
     for attempt in range(RETRIES):
         try:
@@ -46,7 +51,7 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri[len(prefix):]) if uri.startswith(prefix) else None
 
 
-def _open_client(uri: str):
+def open_client(uri: str):
     """Create an MlflowClient and make sure its store's schema exists.
 
     MLflow creates or migrates a sqlite schema on first use; two processes doing
@@ -63,10 +68,33 @@ def _open_client(uri: str):
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             client = MlflowClient(tracking_uri=uri)
-            _retry(lambda: client.search_experiments(max_results=1), "open sqlite store")
+            retry(lambda: client.search_experiments(max_results=1), "open sqlite store")
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return client
+
+
+def experiment_id(client, name: str, artifact_root: Path | None = None) -> str:
+    """Return the id of experiment ``name``, creating it (artifacts under ``artifact_root``) if missing."""
+    def get_or_create() -> str:
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = artifact_root.resolve().as_uri() if artifact_root else None
+        return client.create_experiment(name, artifact_location=location)
+
+    return retry(get_or_create, f"get-or-create experiment {name!r}")
+
+
+def per_run_store(run_dir: Path, stage: str) -> tuple[str, Path]:
+    """The tracking URI and artifact folder of one job's own store: ``<run_dir>/mlflow/<stage>.db``.
+
+    With ``tracking_store: per_run`` every job writes its own sqlite file, so no two
+    processes (or nodes) write one file. ``dcl import-runs`` copies the finished runs
+    into the study's main store.
+    """
+    folder = Path(run_dir).resolve() / "mlflow"
+    return f"sqlite:///{folder / f'{stage}.db'}", folder / "artifacts"
 
 
 def git_commit() -> str | None:
@@ -110,26 +138,19 @@ class Tracker:
         self.created = False  # whether start() created the run rather than reopening one
         self._client = None
         if uri is not None:
-            self._client = _open_client(uri)
+            self._client = open_client(uri)
 
     @property
     def enabled(self) -> bool:
         return self._client is not None
 
     def _experiment_id(self) -> str:
-        def get_or_create() -> str:
-            found = self._client.get_experiment_by_name(self.experiment)
-            if found is not None:
-                return found.experiment_id
-            location = self.artifact_root.resolve().as_uri() if self.artifact_root else None
-            return self._client.create_experiment(self.experiment, artifact_location=location)
-
-        return _retry(get_or_create, f"get-or-create experiment {self.experiment!r}")
+        return experiment_id(self._client, self.experiment, self.artifact_root)
 
     def _find_run(self, token: str) -> str | None:
         """Return the id of the run tagged ``dcl.run_token = token`` in this experiment, or None."""
         experiment_id = self._experiment_id()
-        runs = _retry(lambda: self._client.search_runs(
+        runs = retry(lambda: self._client.search_runs(
             [experiment_id], filter_string=f"tags.`{TOKEN_TAG}` = '{token}'", max_results=1),
             "find run by token")
         return runs[0].info.run_id if runs else None
@@ -146,7 +167,7 @@ class Tracker:
                     return False
                 raise
 
-        return _retry(look_up, f"look up run {run_id}")
+        return retry(look_up, f"look up run {run_id}")
 
     def start(self, run_name: str, tags: dict[str, str] | None = None,
               resume_run_id: str | None = None, token: str | None = None) -> str | None:
@@ -167,7 +188,7 @@ class Tracker:
         if not resume_run_id and token:
             resume_run_id = self._find_run(token)
         if resume_run_id:
-            _retry(lambda: self._client.update_run(resume_run_id, status="RUNNING"), "resume run")
+            retry(lambda: self._client.update_run(resume_run_id, status="RUNNING"), "resume run")
             self.run_id, self.created = resume_run_id, False
             log.info("resumed MLflow run %s (%s)", resume_run_id, run_name)
             return self.run_id
@@ -178,7 +199,7 @@ class Tracker:
         commit = git_commit()
         if commit:
             tags.setdefault("mlflow.source.git.commit", commit)
-        run = _retry(
+        run = retry(
             lambda: self._client.create_run(experiment_id, run_name=run_name, tags=tags),
             "create run",
         )
@@ -194,7 +215,7 @@ class Tracker:
         items = [Param(key, value[:6000]) for key, value in flatten(params).items()]
         for start in range(0, len(items), 100):
             chunk = items[start:start + 100]
-            _retry(lambda: self._client.log_batch(self.run_id, params=chunk), "log params")
+            retry(lambda: self._client.log_batch(self.run_id, params=chunk), "log params")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -203,22 +224,22 @@ class Tracker:
 
         now = int(time.time() * 1000)
         items = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        _retry(lambda: self._client.log_batch(self.run_id, metrics=items), "log metrics")
+        retry(lambda: self._client.log_batch(self.run_id, metrics=items), "log metrics")
 
     def logged_steps(self, key: str) -> set[int]:
         """Return the steps at which metric ``key`` is recorded in this run (empty when disabled)."""
         if not self.enabled or not self.run_id:
             return set()
-        history = _retry(lambda: self._client.get_metric_history(self.run_id, key),
+        history = retry(lambda: self._client.get_metric_history(self.run_id, key),
                          f"read history of {key!r}")
         return {point.step for point in history}
 
     def log_artifact(self, path: Path) -> None:
         if self.enabled:
-            _retry(lambda: self._client.log_artifact(self.run_id, str(path)), "log artifact")
+            retry(lambda: self._client.log_artifact(self.run_id, str(path)), "log artifact")
 
     def finish(self, status: str = "FINISHED") -> None:
         """Set the run's final status: FINISHED, FAILED or KILLED."""
         if self.enabled and self.run_id:
-            _retry(lambda: self._client.set_terminated(self.run_id, status=status), "end run")
+            retry(lambda: self._client.set_terminated(self.run_id, status=status), "end run")
             log.info("MLflow run %s ended %s", self.run_id, status)

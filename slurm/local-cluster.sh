@@ -4,6 +4,7 @@
 # on one machine. Needs root and Debian's packages:
 #
 #   slurm/local-cluster.sh install   # apt-get install slurmctld slurmd slurm-client slurmdbd munge mariadb-server
+#                                    # (skipped when the daemons are already installed)
 #   slurm/local-cluster.sh start     # write configs, start the daemons, wait for an idle node
 #   slurm/local-cluster.sh status    # exit 0 when the node is idle or allocated
 #   slurm/local-cluster.sh stop
@@ -21,7 +22,18 @@ DB_PASSWORD=${SLURM_DB_PASSWORD:-slurmdbd-local}
 
 log() { echo "[local-cluster] $*" >&2; }
 
+PROGRAMS=(slurmctld slurmd slurmdbd sbatch sacct munged mysqld_safe)
+
 install_packages() {
+    local missing=()
+    for program in "${PROGRAMS[@]}"; do
+        command -v "$program" >/dev/null || [ -x "/usr/sbin/$program" ] || missing+=("$program")
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+        log "already installed"
+        return 0
+    fi
+    log "installing (missing: ${missing[*]})"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq slurmctld slurmd slurm-client slurmdbd munge mariadb-server
@@ -29,6 +41,8 @@ install_packages() {
 
 write_configs() {
     mkdir -p "$ETC" "$STATE/ctld" "$STATE/d" /var/log/slurm /run/munge
+    local previous=""
+    [ -f "$ETC/slurm.conf" ] && previous=$(cat "$ETC/slurm.conf")
     cat > "$ETC/slurm.conf" <<EOF
 ClusterName=$CLUSTER
 SlurmctldHost=localhost
@@ -48,6 +62,10 @@ SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
 MinJobAge=300
+# A requeued or cancelled job gets SIGTERM, then SIGKILL after KillWait seconds. submitit
+# ignores SIGTERM, so a short wait stops an interrupted test job quickly (clusters often use 30).
+KillWait=5
+JobRequeue=1
 ReturnToService=2
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEMORY_MB State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
@@ -65,6 +83,7 @@ PidFile=/run/slurmdbd.pid
 LogFile=/var/log/slurm/slurmdbd.log
 EOF
     chmod 600 "$ETC/slurmdbd.conf"
+    [ "$previous" = "$(cat "$ETC/slurm.conf")" ] || CONFIG_CHANGED=1
 }
 
 start_munge() {
@@ -95,16 +114,25 @@ wait_for() {
     return 1
 }
 
+running() {
+    [ -s "/run/$1.pid" ] && kill -0 "$(cat "/run/$1.pid")" 2>/dev/null
+}
+
 start() {
+    CONFIG_CHANGED=0
     write_configs
     start_munge
     start_mariadb
-    [ -s /run/slurmdbd.pid ] && kill -0 "$(cat /run/slurmdbd.pid)" 2>/dev/null || slurmdbd
+    running slurmdbd || slurmdbd
     wait_for slurmdbd 60 sacctmgr -n list cluster
     sacctmgr -i add cluster "$CLUSTER" >/dev/null 2>&1 || true
-    [ -s /run/slurmctld.pid ] && kill -0 "$(cat /run/slurmctld.pid)" 2>/dev/null || slurmctld
+    if running slurmctld && [ "$CONFIG_CHANGED" = 1 ]; then
+        log "slurm.conf changed; telling the running daemons to reread it"
+        scontrol reconfigure
+    fi
+    running slurmctld || slurmctld
     wait_for slurmctld 60 sinfo
-    [ -s /run/slurmd.pid ] && kill -0 "$(cat /run/slurmd.pid)" 2>/dev/null || slurmd -N localhost
+    running slurmd || slurmd -N localhost
     wait_for "an idle node" 60 status
     log "cluster $CLUSTER is up: $(sinfo -h -o '%P %D %t %c CPUs')"
 }

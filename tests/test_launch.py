@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 
 from dcl.cli import main
-from dcl.launch import LaunchError, SlurmResources, StepTask, _with_job_threads, launch
+from dcl.launch import LaunchError, SlurmResources, StepTask, _wait, _with_job_threads, launch
+from slurm_helpers import needs_slurm, sacct, slurm_cluster  # noqa: F401 - slurm_cluster is a fixture
 
 
 def write_result(folder, loss, batch, top1):
@@ -84,16 +84,9 @@ def test_local_executor_subprocess(tmp_path):
     assert (tmp_path / "t.png").is_file()
 
 
-def slurm_idle() -> bool:
-    if shutil.which("sinfo") is None:
-        return False
-    states = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
-    return states.returncode == 0 and any(s in states.stdout for s in ("idle", "mix"))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not slurm_idle(), reason="no SLURM cluster answers sinfo (start one with slurm/local-cluster.sh start)")
-def test_slurm_job_visible_in_sacct(tmp_path):
+@needs_slurm
+def test_slurm_job_visible_in_sacct(tmp_path, slurm_cluster):
     job_dir = tmp_path / "job"
     code = subprocess.run(
         [sys.executable, "-m", "dcl", "launch", "--job-dir", str(job_dir), "--cluster", "slurm",
@@ -101,8 +94,30 @@ def test_slurm_job_visible_in_sacct(tmp_path):
         capture_output=True, text=True, timeout=300,
     ).returncode
     job_id = (job_dir / "job_id").read_text().strip()
-    accounting = subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "State"],
-                                capture_output=True, text=True, timeout=30).stdout
     assert code == 0
-    assert "COMPLETED" in accounting
+    assert sacct([job_id], "State") == [["COMPLETED"]]
     assert (tmp_path / "t.csv").is_file()
+
+
+def fake_slurm_job(tmp_path, monkeypatch, states):
+    """A SlurmJob whose result exists and whose sacct states are ``states``, in order."""
+    import submitit
+
+    job = submitit.SlurmJob(folder=tmp_path, job_id="123")
+    calls = {"result": 0}
+    monkeypatch.setattr(job, "result", lambda: calls.__setitem__("result", calls["result"] + 1))
+    sequence = iter(states)
+    monkeypatch.setattr(job.watcher, "get_state", lambda job_id, mode="standard": next(sequence))
+    return job, calls
+
+
+def test_wait_outlasts_requeue_after_result(tmp_path, monkeypatch):
+    job, calls = fake_slurm_job(tmp_path, monkeypatch, ["REQUEUED", "PENDING", "RUNNING", "COMPLETED"])
+    _wait(job, poll_s=0)
+    assert calls["result"] == 2  # read again after the last attempt ended
+
+
+def test_wait_rejects_result_of_cancelled_attempt(tmp_path, monkeypatch):
+    job, _ = fake_slurm_job(tmp_path, monkeypatch, ["RUNNING", "CANCELLED by 0"])
+    with pytest.raises(LaunchError, match="CANCELLED"):
+        _wait(job, poll_s=0)

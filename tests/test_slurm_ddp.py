@@ -14,12 +14,9 @@ import torch
 from dcl.tracking import Tracker
 from dcl.train import pretrain
 from test_dist import _pretrain_run, _pretrain_settings
-from test_launch import slurm_idle
+from slurm_helpers import needs_slurm
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not slurm_idle(), reason="no SLURM cluster answers sinfo (start one with slurm/local-cluster.sh start)"),
-]
+pytestmark = [pytest.mark.slow, needs_slurm]
 
 
 @pytest.fixture
@@ -33,7 +30,7 @@ def images(tmp_path) -> Path:
     return path
 
 
-def test_two_task_job_matches_one_process(tmp_path, images):
+def test_two_task_job_matches_one_process(tmp_path, images, slurm_cluster):
     pretrain(_pretrain_settings(), _pretrain_run(), images, tmp_path / "single", Tracker(None, "test"), 1)
 
     run = _pretrain_run()

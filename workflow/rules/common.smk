@@ -14,6 +14,10 @@ ROOT = config["output_root"].rstrip("/")
 GRID = config["grid"]
 DCL = f"{shlex.quote(sys.executable)} -m dcl"
 TRACKING = tracking_uri(config) or "none"
+# Where pretrain and evaluation jobs log: the main store, or with tracking_store: per_run
+# each job's own <run>/mlflow/<step>.db, which rule import_runs copies into TRACKING.
+PER_RUN_STORES = config["tracking_store"] == "per_run" and TRACKING != "none"
+JOB_TRACKING = "per-run" if PER_RUN_STORES else TRACKING
 DATA_ROOT = shlex.quote(str(data_root(config)))
 ARTIFACTS = f"{ROOT}/mlartifacts"
 # The paper-vs-reproduced table is built for the paper study only: runs of other
@@ -168,6 +172,8 @@ def all_targets():
                         for method in ("dcl", "dclw") if method in losses]
         if TRACKING != "none":
             targets.append(f"{ROOT}/tables/{dataset}_mlflow_summary.json")
+        if PER_RUN_STORES:
+            targets.append(f"{ROOT}/tables/{dataset}_mlflow_import.json")
     if COMPARE:
         targets.append(f"{ROOT}/tables/paper_vs_reproduced.csv")
     return targets

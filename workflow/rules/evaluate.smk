@@ -39,7 +39,7 @@ rule linear_eval:
         RUN + "/linear.log",
     shell:
         "{DCL} {resources.launch}linear-eval --settings {params.settings} --dataset {wildcards.dataset} "
-        "--run-dir {params.run_dir:q} --study {config[study]} --tracking-uri {TRACKING:q} "
+        "--run-dir {params.run_dir:q} --study {config[study]} --tracking-uri {JOB_TRACKING:q} "
         "--artifact-root {ARTIFACTS:q} --threads {threads} > {log:q} 2>&1"
 
 
@@ -61,5 +61,5 @@ rule knn:
         RUN + "/knn.log",
     shell:
         "{DCL} {resources.launch}knn --settings {params.settings} --dataset {wildcards.dataset} "
-        "--run-dir {params.run_dir:q} --study {config[study]} --tracking-uri {TRACKING:q} "
+        "--run-dir {params.run_dir:q} --study {config[study]} --tracking-uri {JOB_TRACKING:q} "
         "--artifact-root {ARTIFACTS:q} --threads {threads} > {log:q} 2>&1"

@@ -20,5 +20,5 @@ rule pretrain:
         "{DCL} {resources.launch}pretrain --settings {params.settings} --dataset {wildcards.dataset} "
         "--loss {wildcards.loss} --batch-size {wildcards.batch} --epochs {wildcards.epochs} "
         "--seed {wildcards.seed} --cache {params.cache:q} --run-dir {params.run_dir:q} "
-        "--study {config[study]} --tracking-uri {TRACKING:q} --artifact-root {ARTIFACTS:q} "
+        "--study {config[study]} --tracking-uri {JOB_TRACKING:q} --artifact-root {ARTIFACTS:q} "
         "--threads {threads} > {log:q} 2>&1"
