@@ -144,13 +144,18 @@ def launch(argv: list[str], job_dir: Path, resources: SlurmResources,
     log.info("job %s (%s) finished", job.job_id, name)
 
 
+def _results(job: submitit.Job) -> None:
+    """Wait for the results of every task of ``job`` (one per rank of a data-parallel step)."""
+    job.results()
+
+
 def _wait(job: submitit.Job, poll_s: float = 2.0, max_poll_s: float = 60.0) -> None:
     """Wait for ``job``'s result; for a SLURM job, also until SLURM reports it COMPLETED.
 
     The result file alone is not enough: a job requeued after writing it runs again.
     Polls ``sacct`` every ``poll_s`` seconds, doubling up to ``max_poll_s``.
     """
-    job.result()
+    _results(job)
     if not isinstance(job, submitit.SlurmJob):
         return
     state = job.watcher.get_state(job.job_id, mode="force")
@@ -161,6 +166,6 @@ def _wait(job: submitit.Job, poll_s: float = 2.0, max_poll_s: float = 60.0) -> N
         time.sleep(poll_s)
         poll_s = min(2 * poll_s, max_poll_s)
         state = job.watcher.get_state(job.job_id, mode="force")
-    job.result()  # the last attempt's result, or its error
+    _results(job)  # the last attempt's results, or its error
     if state not in ("COMPLETED", "UNKNOWN"):
         raise LaunchError(f"SLURM reports state {state} after the job wrote its result")

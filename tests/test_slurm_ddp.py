@@ -14,7 +14,7 @@ import torch
 from dcl.tracking import Tracker
 from dcl.train import pretrain
 from test_dist import _pretrain_run, _pretrain_settings
-from slurm_helpers import needs_slurm
+from slurm_helpers import needs_slurm, slurm_cluster  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.slow, needs_slurm]
 
