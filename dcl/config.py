@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,11 @@ SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 DATA_ROOT_ENV = "DCL_DATA_ROOT"
 # Top-level switches often given as snakemake --config key=true|false.
 COMMAND_LINE_FLAGS = ("only_finished", "allow_download")
+# A section often given as snakemake --config slurm='{...}', which reads nested values as
+# strings (YAML's BaseLoader): their numbers and nulls are parsed back.
+COMMAND_LINE_SECTIONS = ("slurm",)
+_INTEGER = re.compile(r"[+-]?\d+")
+_NUMBER = re.compile(r"[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -62,6 +68,21 @@ def _validate(instance: dict, schema: dict, source: str) -> None:
         )
 
 
+def _parse_scalars(value: Any) -> Any:
+    """Turn strings that spell an integer, a number or null back into those values."""
+    if isinstance(value, dict):
+        return {key: _parse_scalars(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_parse_scalars(item) for item in value]
+    if not isinstance(value, str):
+        return value
+    if _INTEGER.fullmatch(value):
+        return int(value)
+    if _NUMBER.fullmatch(value):
+        return float(value)
+    return None if value in ("null", "~") else value
+
+
 def validate_study(config: dict[str, Any], source: str = "the config") -> dict[str, Any]:
     """Validate a study config, fill in defaults and check cross-field rules; returns a copy."""
     config = copy.deepcopy(config)
@@ -71,6 +92,9 @@ def validate_study(config: dict[str, Any], source: str = "the config") -> dict[s
         # snakemake --config only_finished=true passes the string "true".
         if isinstance(config.get(key), str) and config[key].lower() in ("true", "false"):
             config[key] = config[key].lower() == "true"
+    for key in COMMAND_LINE_SECTIONS:
+        if key in config:
+            config[key] = _parse_scalars(config[key])
     _validate(config, load_schema(), source)
 
     for name in config["grid"]["datasets"]:

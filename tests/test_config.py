@@ -115,6 +115,19 @@ def test_command_line_flag_strings(given, expected):
     assert config["only_finished"] is expected
 
 
+def test_command_line_slurm_strings_parsed():
+    config = _minimal()
+    config["slurm"] = {"partition": "gpu", "qos": "null",
+                       "pretrain": {"gpus_per_node": "4", "time_min": "720", "mem_gb": "12.5"}}
+
+    validated = validate_study(config)
+
+    assert validated["slurm"]["pretrain"]["gpus_per_node"] == 4
+    assert validated["slurm"]["pretrain"]["mem_gb"] == 12.5
+    assert validated["slurm"]["qos"] is None
+    assert validated["slurm"]["partition"] == "gpu"
+
+
 def test_command_line_flag_other_string_is_rejected():
     with pytest.raises(ConfigError, match="only_finished"):
         validate_study({**_minimal(), "only_finished": "yes please"})

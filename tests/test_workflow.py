@@ -126,3 +126,11 @@ def test_missing_data_root_stops_before_training(tmp_path):
     assert str(tmp_path / "nowhere" / "cifar10") in log
     assert not list((tmp_path / "out").glob("runs/**/pretrain.json"))
     assert not list((tmp_path / "out").glob("cache/*.npz"))
+
+
+def test_slurm_profile_without_launcher_stops(tmp_path):
+    config = write_config(tmp_path)
+    result = snakemake(config, "-n", "--profile", "slurm", "all", "--config", "slurm={partition: gpu}")
+
+    assert result.returncode != 0
+    assert "Add launcher=slurm to --config" in result.stdout + result.stderr

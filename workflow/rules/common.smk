@@ -179,20 +179,31 @@ def all_targets():
     return targets
 
 
-def _command_line_targets():
-    """Return the targets on the snakemake command line (empty when run through the API).
+def _command_line_args():
+    """Return the parsed snakemake command line, or None when run through the API.
 
-    Snakemake knows the targets only after this file is parsed, so read them from argv.
+    Snakemake passes the targets to the workflow only after this file is parsed, so they
+    are read from argv.
     """
     if "snakemake" not in Path(sys.argv[0]).parts[-2:] and Path(sys.argv[0]).name != "snakemake":
-        return set()
+        return None
     from snakemake.cli import get_argument_parser
 
     try:
         args, _ = get_argument_parser().parse_known_args(sys.argv[1:])
     except (SystemExit, Exception):
-        return set()
-    return set(args.targets or ())
+        return None
+    return args
+
+
+def check_profile(args):
+    """Stop when the slurm profile runs with launcher=local (a --config that left it out)."""
+    profiles = [Path(str(profile)).name for profile in (getattr(args, "profile", None) or [])]
+    if "slurm" in profiles and not SLURM:
+        raise WorkflowError(
+            "--profile slurm but launcher is local: a command-line --config replaces the "
+            "profile's launcher=slurm, so every job would run here. Add launcher=slurm to "
+            "--config (or drop --profile slurm to run locally).")
 
 
 def check_targets():
@@ -200,7 +211,11 @@ def check_targets():
 
     Snakemake's own message names the target but not what to ask for instead.
     """
-    requested = sorted(_command_line_targets())
+    args = _command_line_args()
+    if args is None:
+        return
+    check_profile(args)
+    requested = sorted(args.targets or ())
     rules = list(workflow.rules)
     names = {rule.name for rule in rules}
     unknown = [target for target in requested
