@@ -100,12 +100,12 @@ def test_slurm_job_visible_in_sacct(tmp_path, slurm_cluster):
 
 
 def fake_slurm_job(tmp_path, monkeypatch, states):
-    """A SlurmJob whose result exists and whose sacct states are ``states``, in order."""
+    """A SlurmJob whose task results exist and whose sacct states are ``states``, in order."""
     import submitit
 
     job = submitit.SlurmJob(folder=tmp_path, job_id="123")
     calls = {"result": 0}
-    monkeypatch.setattr(job, "result", lambda: calls.__setitem__("result", calls["result"] + 1))
+    monkeypatch.setattr(job, "results", lambda: calls.__setitem__("result", calls["result"] + 1))
     sequence = iter(states)
     monkeypatch.setattr(job.watcher, "get_state", lambda job_id, mode="standard": next(sequence))
     return job, calls
