@@ -15,7 +15,7 @@ from dcl.atomic import write_text
 
 NOTES = Path(__file__).with_name("notes.md")
 CSV_FIELDS = ("part", "variant", "width", "batch", "device", "threads", "median_ms",
-              "images_per_s", "timed_steps")
+              "images_per_s", "cpu_ms_per_step", "timed_steps")
 
 
 def machine(device: str) -> str:
@@ -47,6 +47,7 @@ def rows(results: dict) -> list[dict]:
             out.append(base | {"part": part, "variant": t.name, "width": width, "batch": batch,
                                "median_ms": f"{t.median * 1e3:.3f}",
                                "images_per_s": f"{t.images_per_second:.1f}",
+                               "cpu_ms_per_step": f"{t.cpu_median * 1e3:.3f}",
                                "timed_steps": len(t.seconds)})
 
     for (width, batch), part in results["pretrain"].items():
@@ -58,7 +59,7 @@ def rows(results: dict) -> list[dict]:
         if seconds is not None:
             out.append(base | {"part": "overhead", "variant": name, "width": args.width,
                                "batch": max(args.batches), "median_ms": f"{seconds * 1e3:.3f}",
-                               "images_per_s": "", "timed_steps": ""})
+                               "images_per_s": "", "cpu_ms_per_step": "", "timed_steps": ""})
     return out
 
 
@@ -79,9 +80,12 @@ def pretrain_section(width: int, batch: int, timings: dict) -> str:
     for t in timings.values():
         body.append([t.name, f"{t.median * 1e3:.0f}", f"{t.images_per_second:.0f}",
                      _ratio(t.images_per_second, bound),
-                     _ratio(t.images_per_second, lightly.images_per_second) if lightly else "n/a"])
-    return (f"\n### ResNet-18 width {width}, batch {batch}\n\n"
-            + _table(["variant", "ms/step", "images/s", "vs bound", "vs lightly"], body))
+                     _ratio(t.images_per_second, lightly.images_per_second) if lightly else "n/a",
+                     f"{t.cpu_median:.2f}",
+                     _ratio(lightly.cpu_median, t.cpu_median) if lightly else "n/a"])
+    header = ["variant", "ms/step", "images/s", "vs bound", "vs lightly", "CPU s/step",
+              "vs lightly, CPU time"]
+    return f"\n### ResNet-18 width {width}, batch {batch}\n\n" + _table(header, body)
 
 
 def targets(results: dict) -> list[list[str]]:
@@ -94,7 +98,10 @@ def targets(results: dict) -> list[list[str]]:
     main = results["pretrain"][(args.width, max(args.batches))]["timings"]
     ours = main["ours: full step"].images_per_second
     if "lightly 1.6 baseline" in main:
-        check(f"ours / lightly, width {args.width}", ours / main["lightly 1.6 baseline"].images_per_second, 2)
+        lightly = main["lightly 1.6 baseline"]
+        check(f"ours / lightly, width {args.width}", ours / lightly.images_per_second, 2)
+        check(f"ours / lightly in CPU time per step, width {args.width}",
+              lightly.cpu_median / main["ours: full step"].cpu_median, 2)
     check(f"ours / compute-only bound, width {args.width}",
           ours / main["compute-only bound"].images_per_second, 0.9)
     full = next((part for (width, _), part in results["pretrain"].items()
@@ -103,8 +110,11 @@ def targets(results: dict) -> list[list[str]]:
         t = full["timings"]
         check("ours / lightly, full width",
               t["ours: full step"].images_per_second / t["lightly 1.6 baseline"].images_per_second, 1.5)
+        check("ours / lightly in CPU time per step, full width",
+              t["lightly 1.6 baseline"].cpu_median / t["ours: full step"].cpu_median, 1.5)
     aug = list(results["augment"].values())
     check("augmentation: ours / torchvision", aug[0].images_per_second / aug[1].images_per_second, 5)
+    check("augmentation: ours / torchvision in CPU time", aug[1].cpu_median / aug[0].cpu_median, 5)
     loss = results["loss"]
     for name, t in loss.items():
         if name.startswith("ours"):
@@ -115,8 +125,9 @@ def targets(results: dict) -> list[list[str]]:
 
 
 def _simple(timings: dict, per: str) -> str:
-    body = [[t.name, f"{t.median * 1e3:.2f}", f"{t.images_per_second:.0f}"] for t in timings.values()]
-    return _table(["variant", "ms", f"{per}/s"], body)
+    body = [[t.name, f"{t.median * 1e3:.2f}", f"{t.images_per_second:.0f}", f"{t.cpu_median * 1e3:.1f}"]
+            for t in timings.values()]
+    return _table(["variant", "ms", f"{per}/s", "CPU ms"], body)
 
 
 def overhead_section(results: dict) -> str:
@@ -166,7 +177,10 @@ def page(results: dict, gpu_csv: Path) -> str:
         "Written by `benchmarks/speed.py`; every number comes from one run of it, all variants "
         "timed in turns in one process with the same settings, model, batch and thread count. "
         "Times are medians of per-step wall times after warm-up; images/s counts source images "
-        "(each gives two views).\n\n",
+        "(each gives two views). CPU s/step is the CPU time of the process and its DataLoader "
+        "workers per step (median over turns). It does not depend on how other jobs share the "
+        "cores, so on a loaded machine it is the fairer cost; on an idle one, wall time is what a "
+        "user waits.\n\n",
         f"- Command: `OMP_WAIT_POLICY=PASSIVE {command}`" + (" (tiny mode: numbers meaningless)" if args.tiny else "") + "\n",
         f"- Machine: {machine(args.device)}; device {args.device}, {args.threads} threads\n",
         f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, "
@@ -194,10 +208,14 @@ def page(results: dict, gpu_csv: Path) -> str:
         "\nAgreement on the same inputs (temperature and sigma of the config; lightly never "
         "clamps the DCLW weight, and neither does the pipeline by default):\n\n",
         agreement_section(results["agreement"]),
+        f"\n## Where our step's time goes (width {args.width}, batch {max(args.batches)})\n\n",
+        "Operators by self time in `torch.profiler` over our full step (after the timed parts):\n\n",
+        _table(["operator", "share of self time"], [[f"`{name}`", f"{share:.1%}"] for name, share in results["profile"]]),
         "\n## Diagnostics and tracking overhead\n\n", overhead_section(results),
-        "\n## GPU (one H200)\n\n", gpu_section(gpu_csv),
     ]
-    if NOTES.exists():
+    if str(gpu_csv) != "none":
+        parts += ["\n## GPU (one H200)\n\n", gpu_section(gpu_csv)]
+    if NOTES.exists() and args.device == "cpu":  # the notes discuss the CPU run
         parts += ["\n", NOTES.read_text()]
     return "".join(parts)
 

@@ -1,6 +1,7 @@
 """Pretraining speed, side by side in one process: the pipeline, lightly and the compute-only bound.
 
-Run (CPU, about 8 minutes on 2 cores; see docs/benchmarks.md):
+Run (CPU; docs/benchmarks.md records the run time, 12 minutes on 2 cores shared
+with other jobs at a load average of about 6):
 
     OMP_WAIT_POLICY=PASSIVE DCL_DATA_ROOT=/path/to/data python -m benchmarks.speed
 
@@ -24,6 +25,7 @@ import torch
 from benchmarks import report, variants
 from benchmarks.data import load_images
 from benchmarks.timing import Timing, interleave
+from dcl.device import default_device
 
 log = logging.getLogger("benchmarks.speed")
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--out-md", type=Path, default=REPO / "docs" / "benchmarks.md")
     add("--out-csv", type=Path, default=REPO / "docs" / "benchmarks.csv")
     add("--gpu-csv", type=Path, default=REPO / "docs" / "benchmarks_h200.csv",
-        help="GPU results to show on the page when present")
+        help="GPU results to show on the page when present; none leaves the GPU section out")
     args = parser.parse_args(argv)
     if args.tiny:
         args.width, args.batches, args.rounds, args.warmup, args.steps = 8, [16], 1, 1, 2
@@ -81,18 +83,21 @@ def lightly_version() -> str | None:
     return lightly.__version__
 
 
-def pretrain_part(args, settings, images, width, batch, warmup, steps, rounds, folder) -> dict:
-    """Compute-only bound (with and without levers), the pipeline's step and lightly's step."""
+def pretrain_part(args, settings, images, width, batch, warmup, steps, rounds, folder,
+                  plain_bound: bool = True) -> dict:
+    """Compute-only bound (and, if ``plain_bound``, without levers), our step and lightly's step."""
     device = torch.device(args.device)
     fast = variants.with_levers(settings, width, not args.no_channels_last, args.precision)
     plain = variants.with_levers(settings, width, False, "fp32")
     make = lambda s: variants.build_pretrainer(s, images, batch, args.threads, folder)  # noqa: E731
-    fast_trainer, plain_trainer = make(fast), make(plain)
-    table = {
-        "compute-only bound": (lambda: variants.ComputeRunner(fast_trainer), batch),
-        "compute-only, fp32 NCHW": (lambda: variants.ComputeRunner(plain_trainer), batch),
-        "ours: full step": (lambda: variants.OursRunner(fast_trainer), batch),
-    }
+    fast_trainer = make(fast)
+    plain_trainer = make(plain) if plain_bound else None
+    table = {"compute-only bound": (lambda: variants.ComputeRunner(fast_trainer), batch)}
+    if plain_bound:
+        table["compute-only, one forward per view"] = (
+            lambda: variants.ComputeRunner(fast_trainer, per_view=True), batch)
+        table["compute-only, fp32 NCHW"] = (lambda: variants.ComputeRunner(plain_trainer), batch)
+    table["ours: full step"] = (lambda: variants.OursRunner(fast_trainer), batch)
     if args.lightly:
         dataset = variants.HWCImages(images, variants.lightly_transform(fast_trainer.augment.config))
         step = variants.lightly_step(plain, device)
@@ -161,11 +166,15 @@ def main(argv: list[str] | None = None) -> None:
     if not args.lightly:
         log.warning("lightly is not installed: its baseline and loss comparison are skipped "
                     "(pip install -e '.[bench]')")
+    if torch.device(args.device).type != default_device().type:
+        raise SystemExit(f"--device {args.device} differs from the device the pipeline trains on "
+                         f"({default_device()}): pass --device {default_device().type}")
     torch.set_num_threads(args.threads)
     started, load_before = time.perf_counter(), os.getloadavg()
     settings = load_settings(args.config)
     batch_max = max(args.batches)
-    count = max(batch_max * (args.warmup + args.steps + 1), 4 * args.lever_batch)
+    # Enough images that no DataLoader turn runs out of batches (augment_part takes the most).
+    count = max(batch_max * (args.warmup + 2 * args.steps + 3), 4 * args.lever_batch)
     images = load_images(args.data, count)
     results = {"args": args, "settings": settings, "pretrain": {}, "lightly": lightly_version()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,11 +185,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.full_width_steps:
             batch = args.full_width_batch or batch_max
             results["pretrain"][(64, batch)] = pretrain_part(
-                args, settings, images, 64, batch, 1, args.full_width_steps, 1, folder)
+                args, settings, images, 64, batch, 1, args.full_width_steps, 1, folder, plain_bound=False)
         results["levers"] = lever_part(args, settings, images, folder)
         results["augment"] = augment_part(args, settings, images, batch_max)
         results["loss"], results["agreement"] = loss_part(args, settings)
         main_part = results["pretrain"][(args.width, batch_max)]
+        ours = variants.OursRunner(main_part["trainer"])
+        results["profile"] = variants.profile_ops(ours, 1 if args.tiny else 2, torch.device(args.device))
         results["overhead"] = variants.overhead_seconds(main_part["trainer"], 5 if args.tiny else 15)
     results["load"] = (load_before, os.getloadavg())
     results["seconds"] = time.perf_counter() - started

@@ -1,18 +1,22 @@
 """Interleaved timing of benchmark variants.
 
 A variant is a factory that returns a :class:`Runner`. :func:`interleave` runs
-the variants in turns, ``rounds`` times: each turn builds the runner, takes
+the variants in turns, ``rounds`` times. Each turn builds the runner, takes
 ``warmup`` untimed steps, times ``steps`` steps one by one and closes the
-runner, so a DataLoader's worker processes live only during their own turn and
-never steal cores from another variant. Other load on the machine then hits
-every variant alike, and ratios of medians stay fair.
+runner. A DataLoader's worker processes therefore live only during their own
+turn and never take cores from another variant. Other load on the machine then hits
+every variant alike, and ratios of medians stay fair. CPU seconds per step, the
+DataLoader workers' included, are recorded too: on a shared machine a variant
+with more processes gets a larger share of the cores, which wall time hides.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
@@ -27,6 +31,27 @@ class Runner(Protocol):
     def close(self) -> None:
         """Release worker processes and memory."""
 
+    # Optional: worker_pids() -> list[int], the ids of live helper processes (DataLoader
+    # workers), whose CPU time counts towards the variant's.
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """Return the user + system CPU seconds used so far by this process and ``pids``.
+
+    Reads ``/proc/<pid>/stat`` (Linux); a process that has exited counts as 0.
+    """
+    total = time.process_time()
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+    return total
+
 
 @dataclass
 class Timing:
@@ -35,6 +60,12 @@ class Timing:
     name: str
     images_per_step: int
     seconds: list[float] = field(default_factory=list)
+    cpu_per_step: list[float] = field(default_factory=list)  # one mean per turn
+
+    @property
+    def cpu_median(self) -> float:
+        """Median over turns of CPU seconds per step, helper processes included."""
+        return statistics.median(self.cpu_per_step)
 
     @property
     def median(self) -> float:
@@ -78,11 +109,16 @@ def interleave(
                 for _ in range(warmup):
                     runner.step()
                 synchronize(device)
+                cpu_started = cpu_seconds(getattr(runner, "worker_pids", list)())
                 for _ in range(steps):
                     started = time.perf_counter()
                     runner.step()
                     synchronize(device)
                     timings[name].seconds.append(time.perf_counter() - started)
+                # Workers prefetch ahead, so in steady state their CPU time over the timed
+                # steps is that of as many batches, shifted by the queue's depth.
+                cpu_used = cpu_seconds(getattr(runner, "worker_pids", list)()) - cpu_started
+                timings[name].cpu_per_step.append(cpu_used / steps)
             finally:
                 runner.close()
             progress(f"round {round_index + 1}/{rounds} {name}: median "

@@ -72,10 +72,14 @@ class OursRunner:
 
 
 class ComputeRunner:
-    """The compute-only bound: model, loss and LARS step on fixed, pre-augmented views."""
+    """The compute-only bound: model, loss and LARS step on fixed, pre-augmented views.
 
-    def __init__(self, pretrainer: Pretrainer) -> None:
-        self.trainer = pretrainer
+    ``per_view`` runs one forward per view, as lightly's example does, so batch
+    norm sees each view's B images instead of all 2B (the pipeline's choice).
+    """
+
+    def __init__(self, pretrainer: Pretrainer, per_view: bool = False) -> None:
+        self.trainer, self.per_view = pretrainer, per_view
         batch = pretrainer.images[: pretrainer.batch_size]
         self.views = torch.cat(pretrainer.augment.two_views(batch, pretrainer.augment_rng))
 
@@ -83,7 +87,10 @@ class ComputeRunner:
         trainer = self.trainer
         bf16 = trainer.settings["pretrain"]["precision"] == "bf16"
         with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=bf16):
-            z = trainer.model(self.views)
+            if self.per_view:
+                z = torch.cat([trainer.model(view) for view in self.views.chunk(2)])
+            else:
+                z = trainer.model(self.views)
         loss = trainer.loss_fn(*z.float().chunk(2))
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -132,6 +139,9 @@ class LoaderRunner:
         views, _ = self._next()
         if self.train_step is not None:
             self.train_step(views)
+
+    def worker_pids(self) -> list[int]:
+        return [worker.pid for worker in getattr(self.iterator, "_workers", [])]
 
     def close(self) -> None:
         # Dropping the iterator shuts its worker processes down.
@@ -292,3 +302,20 @@ def overhead_seconds(pretrainer: Pretrainer, repeats: int) -> dict[str, float | 
         tracker.finish("FINISHED")
     result["tracking"] = statistics.median(logged)
     return result
+
+
+def profile_ops(runner: Any, steps: int, device: torch.device, top: int = 8) -> list[tuple[str, float]]:
+    """Profile ``steps`` steps of ``runner``: the ``top`` operators by self time, as (name, share)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            runner.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [event for event in profiler.key_averages() if getattr(event, key, 0) > 0]
+    total = sum(getattr(event, key) for event in events)
+    events.sort(key=lambda event: getattr(event, key), reverse=True)
+    return [(event.key, getattr(event, key) / total) for event in events[:top]]
