@@ -34,8 +34,9 @@ class ModelConfig:
             backbone's feature dimension.
         projector_dim: output size of the projector (128 in SimCLR).
         channels_last: keep weights and inputs in the channels-last (NHWC)
-            memory layout, which made a CPU step about 1.3x faster (see
-            docs/benchmarks.md); the numbers computed are the same up to rounding.
+            memory layout. It made the width-16 training step faster on a
+            2-core AMD EPYC CPU (docs/benchmarks.md), with the same outputs up
+            to float rounding. Needs width >= 8.
     """
 
     backbone: str = "resnet18"

@@ -55,7 +55,7 @@ def test_pack_decodes_to_the_same_pixels_as_the_folder(tmp_path):
 @needs_cifar10
 def test_tiny_run_measures_every_part_and_writes_the_page(tmp_path):
     # The GPU script's path: a JPEG pack and a JSON copy of the settings.
-    images = pack(data_root(), tmp_path / "pack.npz", 100)
+    images = pack(data_root(), tmp_path / "pack.npz", 200)
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps(load_study(REPO / "config" / "cpu.yaml")["datasets"]["cifar10"]))
     out_md, out_csv = tmp_path / "speed.md", tmp_path / "speed.csv"
