@@ -117,3 +117,25 @@ def test_unknown_backbone_raises():
 def test_zero_width_raises():
     with pytest.raises(ValueError, match="got 0"):
         ModelConfig(width=0)
+
+
+def test_channels_last_gives_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    plain = SimCLRModel(ModelConfig(width=8, cifar_stem=True))
+    fast = SimCLRModel(ModelConfig(width=8, cifar_stem=True, channels_last=True))
+    fast.load_state_dict(plain.state_dict())
+    assert fast.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randn(6, 3, 32, 32)
+    outputs = [model(images) for model in (plain, fast)]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-5)
+    for output in outputs:
+        output.square().sum().backward()
+    # Sums over the batch run in another order, so compare against the gradient's scale.
+    expected = plain.backbone.conv1.weight.grad
+    gap = (fast.backbone.conv1.weight.grad - expected).abs().max()
+    assert gap <= 1e-3 * expected.abs().max()
+
+
+def test_channels_last_refuses_widths_below_8():
+    with pytest.raises(ValueError, match="channels_last needs a backbone width >= 8, got 4"):
+        ModelConfig(width=4, channels_last=True)

@@ -1,0 +1,1 @@
+"""Speed benchmarks of the pretraining pipeline (run: python -m benchmarks.speed --help)."""
