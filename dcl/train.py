@@ -23,6 +23,7 @@ from tqdm import tqdm
 from dcl import checkpoint, dist
 from dcl.atomic import atomic_path, remove_temporaries, write_json, write_text
 from dcl.augment import AugmentConfig, SimCLRAugment
+from dcl.config import validate_dataset_settings
 from dcl.device import default_device
 from dcl.evaluate import embed, knn_classify
 from dcl.losses import build_loss, npc_multiplier
@@ -356,7 +357,7 @@ def _as_tuples(value: Any) -> Any:
 def _differences(state: dict[str, Any], settings: dict, run: dict) -> list[str]:
     """List the settings that differ between a checkpoint and the run resuming from it."""
     found = []
-    for source, current, keys in ((state.get("settings"), settings, COMPARED_SETTINGS),
+    for source, current, keys in ((_with_defaults(state.get("settings")), settings, COMPARED_SETTINGS),
                                   (state.get("run"), run, COMPARED_RUN)):
         if source is None:  # checkpoints of earlier versions did not record them
             continue
@@ -368,6 +369,21 @@ def _differences(state: dict[str, Any], settings: dict, run: dict) -> list[str]:
             if old != new:
                 found.append(f"{key}: {old!r} in the checkpoint, {new!r} now")
     return found
+
+
+def _with_defaults(settings: dict | None) -> dict | None:
+    """Fill in the defaults of settings added since a checkpoint was written.
+
+    A new setting whose default keeps the old behaviour (e.g. ``model.channels_last``)
+    must not stop older checkpoints from resuming. Settings that no longer validate are
+    compared as they are.
+    """
+    if settings is None:
+        return None
+    try:
+        return validate_dataset_settings(settings, source="the checkpoint's settings")
+    except ValueError:
+        return settings
 
 
 def _run_token(folder: Path) -> str:

@@ -1,5 +1,6 @@
 """Tests for dcl.train: a tiny pretraining run, determinism, resume and failure modes."""
 
+import copy
 import json
 import logging
 import math
@@ -211,3 +212,22 @@ def test_batch_larger_than_dataset(cache, tmp_path):
 
 def test_run_name_format():
     assert run_name(_run()) == "dclw_resnet18w2_1xb16_2e_cifar10_s0"
+
+
+def test_checkpoint_without_new_setting_resumes():
+    settings = _settings()
+    older = copy.deepcopy(settings)
+    del older["model"]["channels_last"]
+
+    assert dcl.train._differences({"settings": older, "run": _run()}, settings, _run()) == []
+
+
+def test_checkpoint_with_other_width_differs():
+    settings = _settings()
+    older = copy.deepcopy(settings)
+    older["model"]["width"] = 4
+
+    differences = dcl.train._differences({"settings": older, "run": _run()}, settings, _run())
+
+    assert len(differences) == 1
+    assert differences[0].startswith("model:")
