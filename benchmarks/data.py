@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dcl.datasets import _folder_files, _read_folder_split, balanced_indices
+from dcl.datasets import _read_folder_split, balanced_indices, folder_files
 from dcl.atomic import atomic_path
 
 
@@ -34,7 +34,7 @@ def pack(root: Path, out: Path, count: int) -> Path:
     The ``.npz`` holds ``data`` (all files concatenated, uint8) and ``offsets``
     (int64, N + 1 boundaries into ``data``).
     """
-    files, labels, _ = _folder_files(Path(root) / "cifar10" / "train")
+    files, labels, _ = folder_files(Path(root) / "cifar10" / "train")
     chosen = [files[i] for i in balanced_indices(labels, count)]
     blobs = [path.read_bytes() for path in chosen]
     offsets = np.cumsum([0] + [len(blob) for blob in blobs]).astype(np.int64)

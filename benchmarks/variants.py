@@ -54,7 +54,7 @@ class OursRunner:
 
     def __init__(self, pretrainer: Pretrainer) -> None:
         self.trainer = pretrainer
-        self.order = torch.randperm(len(pretrainer.images), generator=pretrainer.sampler_rng)
+        self.order = torch.randperm(len(pretrainer.source), generator=pretrainer.sampler_rng)
         self.position = 0
         self.stats: dict[str, list] = {"q_b": [], "pos_sim": [], "neg_sim": []}
 
@@ -65,7 +65,7 @@ class OursRunner:
         index = self.order[self.position : self.position + size].to(trainer.device)
         self.position += size
         # q_B statistics are off here; their cost is measured on their own (overhead_seconds).
-        trainer._step(trainer.images[index], self.position // size, self.stats, record_qb=False)
+        trainer._step(trainer.source.pretrain_images()[index], self.position // size, self.stats, record_qb=False)
 
     def close(self) -> None:
         pass
@@ -80,7 +80,7 @@ class ComputeRunner:
 
     def __init__(self, pretrainer: Pretrainer, per_view: bool = False) -> None:
         self.trainer, self.per_view = pretrainer, per_view
-        batch = pretrainer.images[: pretrainer.batch_size]
+        batch = pretrainer.source.pretrain_images()[: pretrainer.batch_size]
         self.views = torch.cat(pretrainer.augment.two_views(batch, pretrainer.augment_rng))
 
     def step(self) -> None:

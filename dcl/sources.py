@@ -34,7 +34,8 @@ class MemorySource:
         self.device = torch.device(device)
         self._pretrain: torch.Tensor | None = None
 
-    def _pretrain_images(self) -> torch.Tensor:
+    def pretrain_images(self) -> torch.Tensor:
+        """Return all pretraining images as one uint8 (N, 3, H, W) tensor on the device."""
         if self._pretrain is None:
             parts = [self.data["train_images"]]
             if "unlabeled_images" in self.data:
@@ -53,7 +54,7 @@ class MemorySource:
 
         ``generator`` is not used: gathering is deterministic.
         """
-        images = self._pretrain_images()
+        images = self.pretrain_images()
         for index in indices:
             yield images[index]
 
