@@ -50,7 +50,7 @@ def packed_images(path: Path, count: int | None = None) -> np.ndarray:
         data, offsets = stored["data"], stored["offsets"]
     total = len(offsets) - 1
     if count is not None and count > total:
-        raise ValueError(f"the pack {path} holds {total} images, fewer than the {count} requested: "
+        raise ValueError(f"the pack {path} contains {total} images, fewer than the {count} requested: "
                          "pack more with python -m benchmarks.data pack --count")
     decoded = []
     for start, end in zip(offsets[: (count or total)], offsets[1 : (count or total) + 1]):
@@ -66,14 +66,14 @@ def load_images(source: Path, count: int) -> np.ndarray:
         return packed_images(source, count)
     if (source / "cifar10" / "train").is_dir():
         return folder_images(source, count)
-    raise ValueError(f"no benchmark images at {source}: give a data root that holds "
+    raise ValueError(f"no benchmark images at {source}: give a data root that contains "
                      "cifar10/train/<class>/*.jpg, or a pack written by python -m benchmarks.data pack")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Pack CIFAR-10 JPEG bytes for a benchmark elsewhere.")
     parser.add_argument("command", choices=["pack"])
-    parser.add_argument("--data-root", type=Path, required=True, help="folder that holds cifar10/train")
+    parser.add_argument("--data-root", type=Path, required=True, help="folder that contains cifar10/train")
     parser.add_argument("--out", type=Path, required=True, help="the .npz to write")
     parser.add_argument("--count", type=int, default=20000, help="images to pack (default 20000)")
     args = parser.parse_args(argv)

@@ -37,7 +37,7 @@ def machine(device: str) -> str:
 
 
 def rows(results: dict) -> list[dict]:
-    """One CSV row per timed variant, and one per overhead measurement."""
+    """Return one CSV row per timed variant, and one per overhead measurement."""
     args = results["args"]
     base = {"device": args.device, "threads": args.threads}
     out = []
@@ -89,7 +89,7 @@ def pretrain_section(width: int, batch: int, timings: dict) -> str:
 
 
 def targets(results: dict) -> list[list[str]]:
-    """Each target of the issue, its measured ratio and whether it is met."""
+    """Return each speed target, its measured ratio and whether it is met."""
     args, out = results["args"], []
 
     def check(name, ratio, goal):

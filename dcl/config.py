@@ -124,7 +124,7 @@ GRID_AXES = ("losses", "batch_sizes", "epochs", "seeds")
 
 
 def dataset_grid(config: dict[str, Any], name: str) -> dict[str, list]:
-    """The grid axes of dataset ``name``: ``grid.per_dataset.<name>`` over the shared axes."""
+    """Return the grid axes of dataset ``name``: ``grid.per_dataset.<name>`` over the shared axes."""
     grid = config["grid"]
     override = grid.get("per_dataset", {}).get(name, {})
     return {axis: list(override.get(axis, grid[axis])) for axis in GRID_AXES}

@@ -59,7 +59,7 @@ def expected_layout(name: str, root: Path) -> str:
 
 
 def eval_split_folder(root: Path) -> str | None:
-    """The folder of the evaluation split under an image-folder root (``test`` or ``val``)."""
+    """Return the folder of the evaluation split under an image-folder root (``test`` or ``val``)."""
     return next((name for name in TEST_SPLIT_NAMES if (Path(root) / name).is_dir()), None)
 
 

@@ -125,14 +125,14 @@ def open_source(path: Path, settings: dict[str, Any], device: torch.device | str
         DataError: the file is of the other kind, with the fix.
     """
     path = Path(path)
-    wanted = settings["data"]["source"]
+    expected = settings["data"]["source"]
     if path.is_file():
         found = "stream" if stream.is_index(path) else "memory"
-        if found != wanted:
+        if found != expected:
             raise DataError(
                 f"{path} was prepared for data.source {found}, but the settings ask for "
-                f"{wanted}: delete it and rerun 'dcl prepare-data' (or the workflow)")
-    if wanted == "stream":
+                f"{expected}: delete it and rerun 'dcl prepare-data' (or the workflow)")
+    if expected == "stream":
         return StreamSource(path, settings, device)
     return MemorySource(path, device)
 

@@ -47,7 +47,7 @@ def params():
     return config, sample_params(SAMPLES, 32, 32, config, torch.Generator().manual_seed(0))
 
 
-def test_crop_area_and_ratio_follow_their_ranges_when_every_crop_fits():
+def test_crop_area_and_ratio_ranges():
     # With scale <= 0.5 and ratio in [3/4, 4/3] every first attempt fits, so the
     # area fraction is uniform on the scale range and the log ratio uniform on
     # log of the ratio range. A 4096-pixel image makes integer rounding negligible.
@@ -56,10 +56,12 @@ def test_crop_area_and_ratio_follow_their_ranges_when_every_crop_fits():
     boxes = sample_crop_boxes(SAMPLES, side, side, config, torch.Generator().manual_seed(1)).double()
     area = boxes[:, 2] * boxes[:, 3] / side**2
     log_ratio = torch.log(boxes[:, 3] / boxes[:, 2])
-    assert area.min() >= 0.08 - 1e-3 and area.max() <= 0.5 + 1e-3
+    assert area.min() >= 0.08 - 1e-3
+    assert area.max() <= 0.5 + 1e-3
     assert ks_distance(area, uniform_cdf(0.08, 0.5)) < KS_LIMIT
     low, high = math.log(3 / 4), math.log(4 / 3)
-    assert log_ratio.min() >= low - 1e-3 and log_ratio.max() <= high + 1e-3
+    assert log_ratio.min() >= low - 1e-3
+    assert log_ratio.max() <= high + 1e-3
     assert ks_distance(log_ratio, uniform_cdf(low, high)) < KS_LIMIT
 
 
@@ -69,7 +71,8 @@ def test_crop_offsets_are_uniform_over_the_free_space():
                               torch.Generator().manual_seed(2)).double()
     for offset, size in ((boxes[:, 0], boxes[:, 2]), (boxes[:, 1], boxes[:, 3])):
         position = (offset + 0.5) / (side - size + 1)  # uniform on (0, 1) up to 1/free-space steps
-        assert offset.min() >= 0 and (offset + size).max() <= side
+        assert offset.min() >= 0
+        assert (offset + size).max() <= side
         assert ks_distance(position, uniform_cdf(0, 1)) < KS_LIMIT
 
 
@@ -96,7 +99,8 @@ def test_jitter_factors_are_uniform_on_their_ranges(params):
     ranges = [(1 - strength, 1 + strength)] * 3 + [(-0.2 * config.jitter_strength, 0.2 * config.jitter_strength)]
     for column, (low, high) in enumerate(ranges):
         factors = drawn.jitter_factors[:, column]
-        assert factors.min() >= low and factors.max() <= high
+        assert factors.min() >= low
+        assert factors.max() <= high
         assert ks_distance(factors, uniform_cdf(low, high)) < KS_LIMIT, column
 
 
@@ -129,5 +133,6 @@ def test_coin_rates_match_their_probabilities(params):
 def test_blur_sigma_is_uniform_on_its_range(params):
     config, drawn = params
     low, high = config.blur_sigma
-    assert drawn.blur_sigma.min() >= low and drawn.blur_sigma.max() <= high
+    assert drawn.blur_sigma.min() >= low
+    assert drawn.blur_sigma.max() <= high
     assert ks_distance(drawn.blur_sigma, uniform_cdf(low, high)) < KS_LIMIT

@@ -32,7 +32,7 @@ class Recorder:
         self.events.append((self.name, "close"))
 
 
-def test_interleave_takes_turns_and_times_only_the_timed_steps():
+def test_interleave_times_timed_steps():
     events: list = []
     variants = {name: (lambda n=name: Recorder(n, events), 8) for name in ("a", "b")}
     timings = interleave(variants, rounds=2, warmup=1, steps=3, device=torch.device("cpu"))
@@ -43,17 +43,17 @@ def test_interleave_takes_turns_and_times_only_the_timed_steps():
 
 
 @needs_cifar10
-def test_pack_decodes_to_the_same_pixels_as_the_folder(tmp_path):
+def test_pack_matches_folder_pixels(tmp_path):
     path = pack(data_root(), tmp_path / "pack.npz", 30)
     np.testing.assert_array_equal(packed_images(path), folder_images(data_root(), 30))
     assert packed_images(path, 10).shape == (10, 3, 32, 32)
-    with pytest.raises(ValueError, match="holds 30 images"):
+    with pytest.raises(ValueError, match="contains 30 images"):
         packed_images(path, 31)
 
 
 @pytest.mark.slow
 @needs_cifar10
-def test_tiny_run_measures_every_part_and_writes_the_page(tmp_path):
+def test_tiny_run_writes_page(tmp_path):
     # The GPU script's path: a JPEG pack and a JSON copy of the settings.
     images = pack(data_root(), tmp_path / "pack.npz", 200)
     settings = tmp_path / "settings.json"

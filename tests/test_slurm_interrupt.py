@@ -116,7 +116,8 @@ def test_cancelled_job_fails_rule_then_rerun_finishes(tmp_path, slurm_cluster):
     assert (finished / "pretrain.json").stat().st_mtime_ns == finished_mtime
     assert len(submitted_jobs(finished)) == 1
     resumed = job_id_in(cancelled / "slurm" / "pretrain")
-    assert resumed != job_id and submitted_jobs(cancelled) == {job_id, resumed}
+    assert resumed != job_id
+    assert submitted_jobs(cancelled) == {job_id, resumed}
     assert sacct([resumed], "JobName", "State") == [["pretrain", "COMPLETED"]]
     assert "resuming from" in (cancelled / "slurm" / "pretrain" / f"{resumed}_0_log.err").read_text()
 

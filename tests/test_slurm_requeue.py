@@ -105,7 +105,8 @@ def test_interrupted_job_resumes_exactly(reference, tmp_path, how, slurm_cluster
     assert launcher.returncode == 0, output[-4000:]
 
     attempts = [row[0] for row in sacct([job_id], "State", duplicates=True)]
-    assert attempts[0] in ("REQUEUED", "PREEMPTED") and attempts[-1] == "COMPLETED", attempts
+    assert attempts[0] in ("REQUEUED", "PREEMPTED"), attempts
+    assert attempts[-1] == "COMPLETED", attempts
     assert len(attempts) == 2, attempts
     job_log = "".join(path.read_text() for path in job_dir.glob(f"{job_id}_*.err"))
     assert "resuming from" in job_log
@@ -122,7 +123,8 @@ def test_interrupted_job_resumes_exactly(reference, tmp_path, how, slurm_cluster
 
     runs, histories = metric_histories(run_dir)
     _, expected_histories = metric_histories(reference.local)
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert len(runs) == 1
+    assert runs[0].info.status == "FINISHED"
     assert [step for step, _ in histories["loss"]] == list(range(1, EPOCHS + 1))
     for key in ("loss", "knn_monitor_top1", "q_b_mean"):
         assert histories[key] == expected_histories[key], key

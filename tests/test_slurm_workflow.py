@@ -40,7 +40,8 @@ def test_slurm_profile_matches_local_table(tmp_path, smoke_run, slurm_cluster):
     pd.testing.assert_frame_equal(table, local)
 
     imported = json.loads((root / "tables" / "cifar10_mlflow_import.json").read_text())
-    assert len(imported["stores"]) == 18 and len(imported["imported"]) == 18
+    assert len(imported["stores"]) == 18
+    assert len(imported["imported"]) == 18
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("smoke/cifar10").experiment_id])
     stages = [run.data.tags["stage"] for run in runs]

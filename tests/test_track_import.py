@@ -60,7 +60,8 @@ def test_imported_run_has_every_metric_step(logged, tmp_path):
 
     client = MlflowClient(tracking_uri=main_uri)
     copy = client.get_run(report["runs"][pretrain_id])
-    assert copy.info.status == "FINISHED" and copy.info.run_name == "dcl_bs32/pretrain"
+    assert copy.info.status == "FINISHED"
+    assert copy.info.run_name == "dcl_bs32/pretrain"
     assert copy.data.params == {"run.seed": "3", "lr": "0.5"}
     assert copy.data.tags[SOURCE_TAG] == pretrain_id
     assert copy.data.tags["dcl.run_token"] == "dcl_bs32-pretrain"
@@ -76,7 +77,8 @@ def test_importing_twice_does_not_duplicate(logged, tmp_path):
     run_dir, pretrain_id, linear_id, main_uri = logged
     first = import_runs(stores([run_dir]), main_uri, None)
     second = import_runs(stores([run_dir]), main_uri, None)
-    assert second["imported"] == [] and sorted(second["skipped"]) == sorted([pretrain_id, linear_id])
+    assert second["imported"] == []
+    assert sorted(second["skipped"]) == sorted([pretrain_id, linear_id])
     assert second["runs"] == first["runs"]
     runs = main_runs(main_uri)
     assert len(runs) == 2
@@ -112,7 +114,8 @@ def test_cli_writes_report(logged, tmp_path):
     out = tmp_path / "import.json"
     assert main(["import-runs", "--tracking-uri", main_uri, "--out", str(out), str(run_dir)]) == 0
     report = json.loads(out.read_text())
-    assert pretrain_id in report["imported"] and len(report["stores"]) == 2
+    assert pretrain_id in report["imported"]
+    assert len(report["stores"]) == 2
 
 
 def test_cli_needs_main_store(tmp_path):
