@@ -14,6 +14,7 @@ import torchvision
 from dcl.atomic import write_text
 
 NOTES = Path(__file__).with_name("notes.md")
+IDLE_SHARE = 0.05  # other processes' share of the cores below which a run counts as idle
 CSV_FIELDS = ("part", "variant", "width", "batch", "device", "threads", "median_ms",
               "images_per_s", "cpu_ms_per_step", "timed_steps")
 
@@ -173,6 +174,15 @@ def gpu_section(path: Path) -> str:
     return f"From `{path.name}`:\n\n" + _table(["part", "variant", "width", "batch", "ms", "images/s"], body)
 
 
+def others_line(others: tuple[float, float] | None) -> str:
+    """Describe the CPU time other processes took during the run (see ``MachineShare``)."""
+    if others is None:
+        return "not measured (no /proc/stat)"
+    seconds, share = others
+    verdict = "the cores were otherwise idle" if share < IDLE_SHARE else "other jobs shared the cores"
+    return f"{seconds:.0f} CPU s, {share:.1%} of all cores' time: {verdict}"
+
+
 def page(results: dict, gpu_csv: Path) -> str:
     args = results["args"]
     (before, after) = results["load"]
@@ -191,7 +201,8 @@ def page(results: dict, gpu_csv: Path) -> str:
         f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, "
         f"torchvision {torchvision.__version__}, lightly {results['lightly'] or 'not installed'}\n",
         f"- Load average (1, 5, 15 min) before: {', '.join(f'{v:.2f}' for v in before)}; "
-        f"after: {', '.join(f'{v:.2f}' for v in after)}. Other jobs shared the CPU.\n",
+        f"after: {', '.join(f'{v:.2f}' for v in after)}\n",
+        f"- Other processes during the run: {others_line(results.get('others'))}\n",
         f"- Run time: {results['seconds']:.0f} s\n\n",
         "## Targets\n\n", _table(["target", "measured", "goal", ""], targets(results)),
         "\n## Pretraining step\n\n",
@@ -216,12 +227,17 @@ def page(results: dict, gpu_csv: Path) -> str:
         f"\n## Where our step's time goes (width {args.width}, batch {max(args.batches)})\n\n",
         "Operators by self time in `torch.profiler` over our full step (after the timed parts):\n\n",
         _table(["operator", "share of self time"], [[f"`{name}`", f"{share:.1%}"] for name, share in results["profile"]]),
+        f"\n## Where the augmentation's time goes (batch {max(args.batches)}, two views)\n\n",
+        "Operators by self time in `torch.profiler` over the batched augmentation alone:\n\n",
+        _table(["operator", "share of self time"],
+               [[f"`{name}`", f"{share:.1%}"] for name, share in results.get("augment_profile", [])]),
         "\n## Diagnostics and tracking overhead\n\n", overhead_section(results),
     ]
     if str(gpu_csv) != "none":
         parts += ["\n## GPU (one H200)\n\n", gpu_section(gpu_csv)]
-    if NOTES.exists() and args.device == "cpu":  # the notes discuss the CPU run
-        parts += ["\n", NOTES.read_text()]
+    notes = Path(getattr(args, "notes", NOTES))
+    if str(notes) != "none" and notes.exists() and args.device == "cpu":  # notes discuss a CPU run
+        parts += ["\n", notes.read_text()]
     return "".join(parts)
 
 

@@ -1,7 +1,7 @@
 """Pretraining speed, side by side in one process: the pipeline, lightly and the compute-only bound.
 
-Run (CPU; docs/benchmarks.md records the run time, 12 minutes on 2 cores shared
-with other jobs at a load average of about 6):
+Run (CPU; docs/benchmarks.md records the run time, about 5 minutes on 2 otherwise
+idle cores):
 
     OMP_WAIT_POLICY=PASSIVE DCL_DATA_ROOT=/path/to/data python -m benchmarks.speed
 
@@ -24,7 +24,7 @@ import torch
 
 from benchmarks import report, variants
 from benchmarks.data import load_images
-from benchmarks.timing import Timing, interleave
+from benchmarks.timing import MachineShare, Timing, interleave
 from dcl.device import default_device
 
 log = logging.getLogger("benchmarks.speed")
@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--out-csv", type=Path, default=REPO / "docs" / "benchmarks.csv")
     add("--gpu-csv", type=Path, default=REPO / "docs" / "benchmarks_h200.csv",
         help="GPU results to show on the page when present; none leaves the GPU section out")
+    add("--notes", default=str(REPO / "benchmarks" / "notes.md"),
+        help="Markdown appended to a CPU run's page; none leaves it out (default benchmarks/notes.md)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.width, args.batches, args.rounds, args.warmup, args.steps = 8, [16], 1, 1, 2
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--device {args.device} differs from the device the pipeline trains on "
                          f"({default_device()}): pass --device {default_device().type}")
     torch.set_num_threads(args.threads)
-    started, load_before = time.perf_counter(), os.getloadavg()
+    started, load_before, share = time.perf_counter(), os.getloadavg(), MachineShare()
     settings = load_settings(args.config)
     batch_max = max(args.batches)
     # Enough images that no DataLoader turn runs out of batches (augment_part takes the most).
@@ -192,8 +194,12 @@ def main(argv: list[str] | None = None) -> None:
         main_part = results["pretrain"][(args.width, batch_max)]
         ours = variants.OursRunner(main_part["trainer"])
         results["profile"] = variants.profile_ops(ours, 1 if args.tiny else 2, torch.device(args.device))
+        augment = variants.AugmentRunner(settings, images, batch_max, torch.device(args.device))
+        results["augment_profile"] = variants.profile_ops(augment, 2 if args.tiny else 20,
+                                                          torch.device(args.device))
         results["overhead"] = variants.overhead_seconds(main_part["trainer"], 5 if args.tiny else 15)
     results["load"] = (load_before, os.getloadavg())
+    results["others"] = share.others()
     results["seconds"] = time.perf_counter() - started
     report.write(results, args.out_md, args.out_csv, args.gpu_csv)
     log.info("wrote %s and %s in %.0f s", args.out_md, args.out_csv, results["seconds"])

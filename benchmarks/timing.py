@@ -76,6 +76,44 @@ class Timing:
         return self.images_per_step / self.median
 
 
+class MachineShare:
+    """CPU time that processes other than this one and its children used during a run.
+
+    Reads the machine's busy time from ``/proc/stat`` and subtracts this process's and
+    its reaped children's (DataLoader workers) CPU time, so a benchmark page can report
+    whether the cores were free. On systems without ``/proc/stat`` it reports None.
+    """
+
+    def __init__(self) -> None:
+        self.started = (time.perf_counter(), _machine_busy_seconds(), _own_seconds())
+
+    def others(self) -> tuple[float, float] | None:
+        """Return (CPU seconds of other processes, their share of all cores' time), or None."""
+        wall_started, busy_started, own_started = self.started
+        busy = _machine_busy_seconds()
+        if busy is None or busy_started is None:
+            return None
+        seconds = max(0.0, (busy - busy_started) - (_own_seconds() - own_started))
+        capacity = (time.perf_counter() - wall_started) * (os.cpu_count() or 1)
+        return seconds, seconds / capacity
+
+
+def _machine_busy_seconds() -> float | None:
+    """Non-idle CPU seconds of all cores since boot, from the first line of ``/proc/stat``."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+def _own_seconds() -> float:
+    """CPU seconds of this process and of its children that have been waited for."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued work on ``device``, so a step's time includes its kernels."""
     if device.type == "cuda":

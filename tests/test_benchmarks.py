@@ -7,13 +7,15 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from benchmarks.data import folder_images, pack, packed_images
-from benchmarks.timing import interleave
+from benchmarks.report import others_line
+from benchmarks.timing import MachineShare, interleave
 from dcl.config import load_study
 from workflow_helpers import REPO, data_root, needs_cifar10
 
@@ -40,6 +42,27 @@ def test_interleave_times_timed_steps():
     assert events == turn("a") + turn("b") + turn("a") + turn("b")
     assert {name: len(t.seconds) for name, t in timings.items()} == {"a": 6, "b": 6}
     assert timings["a"].images_per_second == pytest.approx(8 / timings["a"].median)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat (Linux)")
+def test_machine_share_counts_other_processes():
+    share = MachineShare()
+    # A process not yet waited for is "other": its CPU time is not in os.times() yet.
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                             "while time.process_time() - t < 1.0: pass"])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and share.others()[0] < 0.8:
+        time.sleep(0.1)
+    seconds, fraction = share.others()
+    busy.wait()
+    assert seconds >= 0.8
+    assert 0 < fraction <= 1
+
+
+def test_others_line_names_idle_and_shared_runs():
+    assert others_line(None) == "not measured (no /proc/stat)"
+    assert others_line((3.0, 0.01)).endswith("the cores were otherwise idle")
+    assert others_line((300.0, 0.4)) == "300 CPU s, 40.0% of all cores' time: other jobs shared the cores"
 
 
 @needs_cifar10
@@ -85,6 +108,7 @@ def test_tiny_run_writes_page(tmp_path):
     page = out_md.read_text()
     for heading in ("## Targets", "## Pretraining step", "## Speed levers", "## Augmentation alone",
                     "## Loss alone", "## Where our step's time goes",
+                    "## Where the augmentation's time goes", "- Other processes during the run: ",
                     "## Diagnostics and tracking overhead", "## GPU (one H200)"):
         assert heading in page
     assert "GPU numbers are not measured yet" in page
