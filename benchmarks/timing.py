@@ -95,7 +95,8 @@ class MachineShare:
             return None
         seconds = max(0.0, (busy - busy_started) - (_own_seconds() - own_started))
         capacity = (time.perf_counter() - wall_started) * (os.cpu_count() or 1)
-        return seconds, seconds / capacity
+        # Tick accounting and the wall clock are read at slightly different times.
+        return seconds, min(1.0, seconds / capacity)
 
 
 def _machine_busy_seconds() -> float | None:
