@@ -189,8 +189,11 @@ def page(results: dict, gpu_csv: Path) -> str:
     command = " ".join(["python -m benchmarks.speed", *sys.argv[1:]])
     parts = [
         "# Pretraining speed: the pipeline, lightly and the compute-only bound\n\n",
+        "**Tiny mode: sizes too small for the numbers to mean anything; this page only shows "
+        "that every part runs.**\n\n" if args.tiny else "",
         "Written by `benchmarks/speed.py`; every number comes from one run of it, all variants "
-        "timed in turns in one process with the same settings, model, batch and thread count. "
+        "timed in turns in one process with the same settings, model, batch and thread count "
+        "(the notes at the end quote a few separate measurements, each with its command). "
         "Times are medians of per-step wall times after warm-up; images/s counts source images "
         "(each gives two views). CPU s/step is the CPU time of the process and its DataLoader "
         "workers per step (median over turns). It does not depend on how other jobs share the "
@@ -206,9 +209,12 @@ def page(results: dict, gpu_csv: Path) -> str:
         f"- Run time: {results['seconds']:.0f} s\n\n",
         "## Targets\n\n", _table(["target", "measured", "goal", ""], targets(results)),
         "\n## Pretraining step\n\n",
-        "Bound: model, loss and LARS step on fixed pre-augmented views, with the pipeline's speed "
-        "levers. Ours: the pipeline's `Pretrainer._step` (gather on the device, batched "
-        "augmentation of two views, model, DCL loss, LARS), q_B statistics off (costed below). "
+        "Bound: model, loss and LARS step on fixed pre-augmented views. Ours: the pipeline's "
+        "`Pretrainer._step` (gather on the device, batched augmentation of two views, model, DCL "
+        "loss, LARS), q_B statistics off (costed below). Both use "
+        + ("the NCHW layout. " if args.no_channels_last else
+           "`model.channels_last: true` (off in the shipped configs; \"compute-only, fp32 NCHW\" "
+           "is the bound without it). ") +
         "lightly: `SimCLRTransform` in a DataLoader with 2 workers, one forward per view, "
         "lightly's `DCLLoss`, the same model and LARS in float32 and the default memory layout, "
         "as lightly's SimCLR example writes it.\n",

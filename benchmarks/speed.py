@@ -60,10 +60,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--notes", default=str(REPO / "benchmarks" / "notes.md"),
         help="Markdown appended to a CPU run's page; none leaves it out (default benchmarks/notes.md)")
     args = parser.parse_args(argv)
+    check_args(parser, args)
     if args.tiny:
         args.width, args.batches, args.rounds, args.warmup, args.steps = 8, [16], 1, 1, 2
         args.full_width_steps, args.full_width_batch, args.lever_batch = 1, 4, 8
+        args.notes = "none"  # the notes discuss a full run
     return args
+
+
+TINY_SETS = ("width", "batches", "rounds", "warmup", "steps", "full_width_steps",
+             "full_width_batch", "lever_batch")
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject sizes the benchmark cannot run, before any image is decoded."""
+    if args.tiny:
+        explicit = [name for name in TINY_SETS if getattr(args, name) != parser.get_default(name)]
+        if explicit:
+            flags = ", ".join("--" + name.replace("_", "-") for name in explicit)
+            parser.error(f"--tiny sets its own sizes: drop {flags}, or drop --tiny")
+    positive = {"threads": [args.threads], "width": [args.width], "batches": args.batches,
+                "rounds": [args.rounds], "steps": [args.steps], "lever-batch": [args.lever_batch]}
+    if args.full_width_batch is not None:
+        positive["full-width-batch"] = [args.full_width_batch]
+    for flag, values in positive.items():
+        if any(value < 1 for value in values):
+            parser.error(f"--{flag} must be at least 1, got {' '.join(map(str, values))}")
+    for flag, value in (("warmup", args.warmup), ("full-width-steps", args.full_width_steps)):
+        if value < 0:
+            parser.error(f"--{flag} must be 0 or more, got {value}")
+    if args.width < 8:
+        parser.error(f"--width {args.width} is below 8: the lever table times channels-last, "
+                     "which the model rejects below width 8; pass a width of 8 or more")
+    if args.notes != "none" and not Path(args.notes).is_file():
+        parser.error(f"--notes file {args.notes} not found: pass an existing Markdown file or none")
 
 
 def load_settings(path: Path) -> dict:

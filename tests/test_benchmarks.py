@@ -15,6 +15,7 @@ import torch
 
 from benchmarks.data import folder_images, pack, packed_images
 from benchmarks.report import others_line
+from benchmarks.speed import parse_args
 from benchmarks.timing import MachineShare, interleave
 from dcl.config import load_study
 from workflow_helpers import REPO, data_root, needs_cifar10
@@ -65,6 +66,21 @@ def test_others_line_names_idle_and_shared_runs():
     assert others_line((300.0, 0.4)) == "300 CPU s, 40.0% of all cores' time: other jobs shared the cores"
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--tiny", "--width", "32"], "--tiny sets its own sizes: drop --width"),
+    (["--batches", "0"], "--batches must be at least 1, got 0"),
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--warmup", "-1"], "--warmup must be 0 or more, got -1"),
+    (["--width", "4"], "--width 4 is below 8"),
+    (["--notes", "/nonexistent/notes.md"], "--notes file /nonexistent/notes.md not found"),
+])
+def test_bad_arguments_rejected(argv, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        parse_args(argv)
+    assert raised.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 @needs_cifar10
 def test_pack_matches_folder_pixels(tmp_path):
     path = pack(data_root(), tmp_path / "pack.npz", 30)
@@ -113,6 +129,8 @@ def test_tiny_run_writes_page(tmp_path):
         assert heading in page
     assert "GPU numbers are not measured yet" in page
     assert "tiny mode" in page
+    assert "**Tiny mode:" in page
+    assert "## Reading these numbers" not in page  # the notes discuss a full run
     # Our loss and lightly's agree on the same inputs (the page prints the differences).
     differences = [float(line.split("|")[5]) for line in page.splitlines()
                    if line.startswith(("| dcl |", "| dclw |"))]
