@@ -13,7 +13,6 @@ import torchvision
 
 from dcl.atomic import write_text
 
-NOTES = Path(__file__).with_name("notes.md")
 IDLE_SHARE = 0.05  # other processes' share of the cores below which a run counts as idle
 CSV_FIELDS = ("part", "variant", "width", "batch", "device", "threads", "median_ms",
               "images_per_s", "cpu_ms_per_step", "timed_steps")
@@ -191,9 +190,10 @@ def page(results: dict, gpu_csv: Path) -> str:
         "# Pretraining speed: the pipeline, lightly and the compute-only bound\n\n",
         "**Tiny mode: sizes too small for the numbers to mean anything; this page only shows "
         "that every part runs.**\n\n" if args.tiny else "",
-        "Written by `benchmarks/speed.py`; every number comes from one run of it, all variants "
-        "timed in turns in one process with the same settings, model, batch and thread count "
-        "(the notes at the end quote a few separate measurements, each with its command). "
+        "Written by `benchmarks/speed.py`. Every number in the tables comes from one run of it, "
+        "all variants timed in turns in one process with the same settings, model, batch and "
+        "thread count. The notes at the end quote a few separate measurements, each with its "
+        "command. "
         "Times are medians of per-step wall times after warm-up; images/s counts source images "
         "(each gives two views). CPU s/step is the CPU time of the process and its DataLoader "
         "workers per step (median over turns). It does not depend on how other jobs share the "
@@ -241,9 +241,9 @@ def page(results: dict, gpu_csv: Path) -> str:
     ]
     if str(gpu_csv) != "none":
         parts += ["\n## GPU (one H200)\n\n", gpu_section(gpu_csv)]
-    notes = Path(getattr(args, "notes", NOTES))
-    if str(notes) != "none" and notes.exists() and args.device == "cpu":  # notes discuss a CPU run
-        parts += ["\n", notes.read_text()]
+    # The notes discuss a CPU run, and speed.parse_args has checked that the file exists.
+    if args.notes != "none" and args.device == "cpu":
+        parts += ["\n", Path(args.notes).read_text()]
     return "".join(parts)
 
 

@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--gpu-csv", type=Path, default=REPO / "docs" / "benchmarks_h200.csv",
         help="GPU results to show on the page when present; none leaves the GPU section out")
     add("--notes", default=str(REPO / "benchmarks" / "notes.md"),
-        help="Markdown appended to a CPU run's page; none leaves it out (default benchmarks/notes.md)")
+        help="Markdown file appended to a CPU run's page, or none (default benchmarks/notes.md)")
     args = parser.parse_args(argv)
     check_args(parser, args)
     if args.tiny:

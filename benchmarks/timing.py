@@ -100,7 +100,7 @@ class MachineShare:
 
 
 def _machine_busy_seconds() -> float | None:
-    """Non-idle CPU seconds of all cores since boot, from the first line of ``/proc/stat``."""
+    """Return the non-idle CPU seconds of all cores since boot, from the first line of ``/proc/stat``."""
     try:
         fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     except (OSError, ValueError, IndexError):
@@ -110,7 +110,7 @@ def _machine_busy_seconds() -> float | None:
 
 
 def _own_seconds() -> float:
-    """CPU seconds of this process and of its children that have been waited for."""
+    """Return the CPU seconds of this process and of its children that have been waited for."""
     times = os.times()
     return times.user + times.system + times.children_user + times.children_system
 

@@ -60,7 +60,7 @@ def test_machine_share_counts_other_processes():
     assert 0 < fraction <= 1
 
 
-def test_others_line_names_idle_and_shared_runs():
+def test_others_line_idle_and_shared():
     assert others_line(None) == "not measured (no /proc/stat)"
     assert others_line((3.0, 0.01)).endswith("the cores were otherwise idle")
     assert others_line((300.0, 0.4)) == "300 CPU s, 40.0% of all cores' time: other jobs shared the cores"
