@@ -8,6 +8,7 @@
     dcl knn               weighted kNN top-1
     dcl aggregate         tables and figures from per-run result files
     dcl difference        one loss minus another, paired by seed, against the seed spread
+    dcl difference-by-epoch  the same on the kNN monitor per epoch, beside q_B
     dcl diagnostics       q_B and training-curve figures from per-run histories
     dcl compare           the paper-vs-reproduced table from reference numbers and run results
     dcl log-summary       log a dataset's tables and figures to one MLflow run
@@ -184,6 +185,17 @@ def cmd_diagnostics(args: argparse.Namespace) -> None:
          Path(args.curves_png))
 
 
+def cmd_difference_by_epoch(args: argparse.Namespace) -> None:
+    from dcl.diagnostics import load_histories
+    from dcl.trajectory import gap_by_epoch, write_gap
+
+    histories = load_histories([Path(p) for p in args.results])
+    if "dataset" in histories.columns:
+        histories = histories[histories["dataset"].isna() | (histories["dataset"] == args.dataset)]
+    table = gap_by_epoch(histories, args.method, args.baseline)
+    write_gap(table, args.method, args.baseline, Path(args.csv), Path(args.md) if args.md else None)
+
+
 def cmd_log_summary(args: argparse.Namespace) -> None:
     from dcl.atomic import write_json
 
@@ -321,6 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--md", default=None)
     diff.add_argument("results", nargs="*", help="linear.json files of the runs")
     diff.set_defaults(func=cmd_difference)
+
+    by_epoch = commands.add_parser("difference-by-epoch",
+                                   help="kNN-monitor gap of two losses over epochs, beside q_B")
+    by_epoch.add_argument("--dataset", required=True)
+    by_epoch.add_argument("--method", required=True, choices=["infonce", "dcl", "dclw"])
+    by_epoch.add_argument("--baseline", required=True, choices=["infonce", "dcl", "dclw"])
+    by_epoch.add_argument("--csv", required=True)
+    by_epoch.add_argument("--md", default=None)
+    by_epoch.add_argument("results", nargs="*", help="pretrain.json files of the runs")
+    by_epoch.set_defaults(func=cmd_difference_by_epoch)
 
     diag = commands.add_parser("diagnostics", help="q_B and pretraining-curve figures")
     diag.add_argument("--dataset", required=True)

@@ -28,7 +28,8 @@ COLUMNS = ["epochs", "batch_size", "pairs", "method_mean", "method_std", "baseli
            "baseline_std", "diff_mean", "diff_std", "exceeds_spread"]
 
 
-def _stats(values: pd.Series) -> tuple[float, float]:
+def mean_and_std(values: pd.Series) -> tuple[float, float]:
+    """Mean and sample std (ddof = 1) of ``values``; NaN where undefined."""
     mean = float(values.mean()) if len(values) else np.nan
     std = float(values.std(ddof=1)) if len(values) > 1 else np.nan
     return mean, std
@@ -49,9 +50,9 @@ def paired_difference(results: pd.DataFrame, method: str, baseline: str,
             ours = cell[cell["loss"] == method].set_index("seed")["top1"]
             theirs = cell[cell["loss"] == baseline].set_index("seed")["top1"]
             seeds = ours.index.intersection(theirs.index)
-            method_mean, method_std = _stats(ours[seeds])
-            baseline_mean, baseline_std = _stats(theirs[seeds])
-            diff_mean, diff_std = _stats(ours[seeds] - theirs[seeds])
+            method_mean, method_std = mean_and_std(ours[seeds])
+            baseline_mean, baseline_std = mean_and_std(theirs[seeds])
+            diff_mean, diff_std = mean_and_std(ours[seeds] - theirs[seeds])
             spread = max(method_std, baseline_std)
             exceeds = bool(abs(diff_mean) > spread) if not np.isnan(spread) else None
             rows.append([epoch_count, batch, len(seeds), method_mean, method_std, baseline_mean,
@@ -64,7 +65,8 @@ def paired_difference(results: pd.DataFrame, method: str, baseline: str,
     return table
 
 
-def _plus_minus(mean: float, std: float) -> str:
+def plus_minus(mean: float, std: float) -> str:
+    """``+m.mm ± s.ss``, ``+m.mm`` without a std, ``missing`` without a mean."""
     if np.isnan(mean):
         return "missing"
     return f"{mean:+.2f}" if np.isnan(std) else f"{mean:+.2f} ± {std:.2f}"
@@ -80,9 +82,9 @@ def render_markdown(table: pd.DataFrame, method: str, baseline: str) -> str:
         exceeds = {True: "yes", False: "no"}.get(row["exceeds_spread"], "n/a")
         lines.append(
             f"| {row['epochs']} | {row['batch_size']} | {row['pairs']} | "
-            f"{_plus_minus(row['method_mean'], row['method_std']).lstrip('+')} | "
-            f"{_plus_minus(row['baseline_mean'], row['baseline_std']).lstrip('+')} | "
-            f"{_plus_minus(row['diff_mean'], row['diff_std'])} | {exceeds} |")
+            f"{plus_minus(row['method_mean'], row['method_std']).lstrip('+')} | "
+            f"{plus_minus(row['baseline_mean'], row['baseline_std']).lstrip('+')} | "
+            f"{plus_minus(row['diff_mean'], row['diff_std'])} | {exceeds} |")
     return "\n".join(lines) + "\n"
 
 

@@ -15,12 +15,12 @@ import pytest
 from workflow_helpers import REPO, SNAKEMAKE
 
 RUNS = 20
-EXPECTED_JOBS = 782
+EXPECTED_JOBS = 792
 EXPECTED_PER_RULE = {
     "pretrain": 186, "extract_features": 186, "linear_eval": 186, "knn": 186,
     "prepare_data": 4, "link_classes": 1, "prepare_linked_data": 1,
     "aggregate_linear": 5, "aggregate_knn": 5, "diagnostics": 5, "track_summary": 5,
-    "difference": 10, "paper_vs_reproduced": 1, "all": 1,
+    "difference": 10, "difference_by_epoch": 10, "paper_vs_reproduced": 1, "all": 1,
 }
 RULE_LINE = re.compile(r"^(?:local)?rule (\w+):$")
 

@@ -30,6 +30,11 @@ def test_smoke_difference_tables(smoke_run):
         assert list(table["batch_size"]) == [32, 64]
         assert (table["pairs"] == 1).all()
         assert table["diff_std"].isna().all()
+        # The smoke config monitors kNN after every epoch: one paired row per batch and epoch.
+        by_epoch = pd.read_csv(root / "tables" / f"cifar10_{method}_minus_infonce_by_epoch.csv")
+        assert sorted(zip(by_epoch["batch_size"], by_epoch["epoch"])) == [(32, 1), (64, 1)]
+        assert by_epoch["baseline_q_b_median"].between(0, 1).all()
+        assert by_epoch["knn_diff_mean"].notna().all()
 
 
 @pytest.mark.slow

@@ -165,11 +165,13 @@ def all_targets():
             f"{ROOT}/figures/{dataset}_npc.png",
             f"{ROOT}/figures/{dataset}_curves.png",
         ]
-        # DCL and DCLW minus InfoNCE, paired by seed, when the grid has both losses.
+        # DCL and DCLW minus InfoNCE, paired by seed (at the end and per monitored epoch),
+        # when the grid has both losses.
         losses = grid_of(dataset)["losses"]
         if "infonce" in losses:
-            targets += [f"{ROOT}/tables/{dataset}_{method}_minus_infonce.csv"
-                        for method in ("dcl", "dclw") if method in losses]
+            targets += [f"{ROOT}/tables/{dataset}_{method}_minus_infonce{suffix}.csv"
+                        for method in ("dcl", "dclw") if method in losses
+                        for suffix in ("", "_by_epoch")]
         if TRACKING != "none":
             targets.append(f"{ROOT}/tables/{dataset}_mlflow_summary.json")
         if PER_RUN_STORES:

@@ -71,6 +71,22 @@ rule difference:
         "--csv {output.csv:q} --md {output.md:q} {input:q} > {log:q} 2>&1"
 
 
+# The same pair on the kNN monitor at every monitored epoch, beside the baseline's q_B:
+# does the gap open as q_B falls?
+rule difference_by_epoch:
+    input:
+        lambda w: grid_files(w.dataset, "pretrain.json"),
+    output:
+        csv=report(ROOT + "/tables/{dataset}_{method}_minus_{baseline}_by_epoch.csv", caption="../report/difference_by_epoch.rst", category="Diagnostics"),
+        md=ROOT + "/tables/{dataset}_{method}_minus_{baseline}_by_epoch.md",
+    log:
+        ROOT + "/logs/aggregate/{dataset}_{method}_minus_{baseline}_by_epoch.log",
+    shell:
+        "{DCL} difference-by-epoch --dataset {wildcards.dataset} --method {wildcards.method} "
+        "--baseline {wildcards.baseline} --csv {output.csv:q} --md {output.md:q} "
+        "{input:q} > {log:q} 2>&1"
+
+
 rule diagnostics:
     input:
         lambda w: grid_files(w.dataset, "pretrain.json"),
