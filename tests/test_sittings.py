@@ -96,3 +96,15 @@ def test_only_finished_partial_table(fresh_clone):
     assert pd.isna(table.loc["dcl", "64"])
     assert table.loc["dcl", "32_n"] == 1
     assert table.loc["infonce", "64_n"] == 1
+
+
+def test_only_finished_never_plans_work(fresh_clone):
+    """Even a forced rerun of everything only redraws: a fired rerun trigger (e.g. settings
+    that gained a key) must not retrain a finished cell, whose committed files the rerun
+    would delete first."""
+    _, config = fresh_clone
+    jobs = planned_jobs(snakemake(config, "-n", "--forceall", "all", "--config",
+                                  "only_finished=true", "tracking_uri=none"))
+    assert not WORK_RULES & set(jobs), jobs
+    assert jobs["aggregate_linear"] == 1
+    assert jobs["difference_by_epoch"] == 2  # DCL and DCLW against InfoNCE
