@@ -167,10 +167,17 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
               ylabel=args.ylabel)
 
 
+def _check_pair(args: argparse.Namespace) -> None:
+    if args.method == args.baseline:
+        raise ValueError(f"--method and --baseline are both {args.method!r}: compare two "
+                         f"different losses, e.g. --method dcl --baseline infonce")
+
+
 def cmd_difference(args: argparse.Namespace) -> None:
     from dcl.difference import paired_difference, write_difference
     from dcl.report import load_results
 
+    _check_pair(args)
     results = load_results([Path(p) for p in args.results])
     if "dataset" in results.columns:
         results = results[results["dataset"].isna() | (results["dataset"] == args.dataset)]
@@ -189,10 +196,15 @@ def cmd_difference_by_epoch(args: argparse.Namespace) -> None:
     from dcl.diagnostics import load_histories
     from dcl.trajectory import gap_by_epoch, write_gap
 
+    _check_pair(args)
     histories = load_histories([Path(p) for p in args.results])
     if "dataset" in histories.columns:
+        found = sorted(set(histories["dataset"].dropna()))
         histories = histories[histories["dataset"].isna() | (histories["dataset"] == args.dataset)]
-    table = gap_by_epoch(histories, args.method, args.baseline)
+        if histories.empty:
+            log.warning("no run of dataset %r among the %d files (their datasets: %s)",
+                        args.dataset, len(args.results), ", ".join(found) or "none")
+    table = gap_by_epoch(histories, args.method, args.baseline, args.batch_sizes, args.epochs)
     write_gap(table, args.method, args.baseline, Path(args.csv), Path(args.md) if args.md else None)
 
 
@@ -339,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     by_epoch.add_argument("--dataset", required=True)
     by_epoch.add_argument("--method", required=True, choices=["infonce", "dcl", "dclw"])
     by_epoch.add_argument("--baseline", required=True, choices=["infonce", "dcl", "dclw"])
+    by_epoch.add_argument("--batch-sizes", nargs="+", type=int, required=True)
+    by_epoch.add_argument("--epochs", nargs="+", type=int, required=True)
     by_epoch.add_argument("--csv", required=True)
     by_epoch.add_argument("--md", default=None)
     by_epoch.add_argument("results", nargs="*", help="pretrain.json files of the runs")

@@ -35,11 +35,14 @@ def load_histories(paths: Iterable[Path]) -> pd.DataFrame:
         try:
             record = json.loads(Path(path).read_text())
             run, history = record["run"], record["history"]
-        except (OSError, json.JSONDecodeError, KeyError) as error:
-            raise ValueError(f"cannot read pretraining history from {path}: {error}") from error
-        for entry in history:
-            values = {key: entry.get(key) for key in ("epoch", *HISTORY_KEYS)}
-            rows.append({**run, **values, "train_loss": entry.get("loss")})
+            for entry in history:
+                values = {key: entry.get(key) for key in ("epoch", *HISTORY_KEYS)}
+                rows.append({**run, **values, "train_loss": entry.get("loss")})
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(
+                f"cannot read a pretraining history from {path} ({type(error).__name__}: "
+                f"{error}): pass the pretrain.json files that 'dcl pretrain' writes, with "
+                f"a 'run' block and a 'history' list") from error
     return pd.DataFrame(rows)
 
 

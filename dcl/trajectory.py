@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from dcl.atomic import write_text
@@ -30,69 +31,86 @@ logger = logging.getLogger(__name__)
 
 COLUMNS = ["epochs", "batch_size", "epoch", "pairs", "baseline_q_b_median", "method_q_b_median",
            "baseline_knn", "method_knn", "knn_diff_mean", "knn_diff_std"]
+DECIMALS = {"baseline_q_b_median": 3, "method_q_b_median": 3, "baseline_knn": 2, "method_knn": 2,
+            "knn_diff_mean": 2, "knn_diff_std": 2}
+KEYS = ["epochs", "batch_size", "epoch", "seed"]
 
 
 def _monitored(histories: pd.DataFrame, loss: str) -> pd.DataFrame:
+    """The loss's monitored epochs indexed by KEYS; ValueError if two runs share a cell."""
     runs = histories[(histories["loss"] == loss) & histories["knn_monitor_top1"].notna()]
-    return runs.set_index(["epochs", "batch_size", "epoch", "seed"])
+    twice = runs[runs.duplicated(KEYS, keep=False)]
+    if not twice.empty:
+        first = twice.iloc[0]
+        raise ValueError(
+            f"two {loss} runs of batch {first['batch_size']}, {first['epochs']} epochs, seed "
+            f"{first['seed']} (another backbone or width, or one file passed twice): pass "
+            f"one pretrain.json per grid cell")
+    return runs.set_index(KEYS)
 
 
-def gap_by_epoch(histories: pd.DataFrame, method: str, baseline: str) -> pd.DataFrame:
+def _row(key: tuple, ours: pd.DataFrame, theirs: pd.DataFrame) -> list:
+    diff_mean, diff_std = mean_and_std(ours["knn_monitor_top1"] - theirs["knn_monitor_top1"])
+    return [*key, len(ours), theirs["q_b_median"].mean(), ours["q_b_median"].mean(),
+            theirs["knn_monitor_top1"].mean(), ours["knn_monitor_top1"].mean(), diff_mean, diff_std]
+
+
+def gap_by_epoch(histories: pd.DataFrame, method: str, baseline: str,
+                 batch_sizes: list[int], epochs: list[int]) -> pd.DataFrame:
     """Return one row per (epochs, batch size, monitored epoch) with both losses, paired by seed.
 
     ``histories`` has the columns of :func:`dcl.diagnostics.load_histories`. Epochs
-    without a kNN monitor value in a pair of runs are left out. A grid without any pair
-    gives an empty table with the columns above.
+    without a kNN monitor value in a pair of runs are left out. A grid cell (epochs,
+    batch size) without any pair keeps one row with ``pairs`` = 0 and no epoch.
     """
-    if histories.empty or "knn_monitor_top1" not in histories:
-        return pd.DataFrame(columns=COLUMNS)
-    ours, theirs = _monitored(histories, method), _monitored(histories, baseline)
-    common = ours.index.intersection(theirs.index)
-    if common.empty:
-        logger.warning("no seed has kNN monitor values for both %s and %s", method, baseline)
-        return pd.DataFrame(columns=COLUMNS)
-    ours, theirs = ours.loc[common], theirs.loc[common]
+    monitored = not histories.empty and "knn_monitor_top1" in histories
+    if monitored:
+        ours, theirs = _monitored(histories, method), _monitored(histories, baseline)
+        common = ours.index.intersection(theirs.index)
     rows = []
-    for key, seeds in pd.Series(0, index=common).groupby(level=[0, 1, 2]):
-        index = seeds.index
-        diff_mean, diff_std = mean_and_std(ours.loc[index, "knn_monitor_top1"]
-                                           - theirs.loc[index, "knn_monitor_top1"])
-        rows.append([*key, len(index),
-                     float(theirs.loc[index, "q_b_median"].mean()),
-                     float(ours.loc[index, "q_b_median"].mean()),
-                     float(theirs.loc[index, "knn_monitor_top1"].mean()),
-                     float(ours.loc[index, "knn_monitor_top1"].mean()),
-                     diff_mean, diff_std])
-    return pd.DataFrame(rows, columns=COLUMNS)
+    for epoch_count in epochs:
+        for batch in batch_sizes:
+            cell = (common[(common.get_level_values(0) == epoch_count)
+                           & (common.get_level_values(1) == batch)] if monitored else [])
+            if len(cell) == 0:
+                rows.append([epoch_count, batch, pd.NA, 0] + [np.nan] * 6)
+                continue
+            for key, seeds in pd.Series(0, index=cell).groupby(level=[0, 1, 2]):
+                rows.append(_row(key, ours.loc[seeds.index], theirs.loc[seeds.index]))
+    table = pd.DataFrame(rows, columns=COLUMNS).astype({"epoch": "Int64"})
+    unpaired = table.loc[table["pairs"] == 0, ["epochs", "batch_size"]].values.tolist()
+    if unpaired:
+        logger.warning("no seed has kNN monitor values of both %s and %s for (epochs, batch size) %s",
+                       method, baseline, unpaired)
+    return table
+
+
+def _number(value: float, decimals: int) -> str:
+    return "missing" if pd.isna(value) else f"{value:.{decimals}f}"
 
 
 def render_markdown(table: pd.DataFrame, method: str, baseline: str) -> str:
-    """Render the table as Markdown, one row per epochs setting, batch size and epoch."""
+    """Render the table (rounded as in the CSV) as Markdown, one row per CSV row."""
     ours = LOSS_DISPLAY_NAMES.get(method, method)
     theirs = LOSS_DISPLAY_NAMES.get(baseline, baseline)
-    lines = [f"| epochs | batch | epoch | seeds | {theirs} median q_B | {ours} median q_B | "
+    lines = [f"| epochs | batch | epoch | seeds | {theirs} median q_B | {ours} median q_B* | "
              f"{theirs} kNN | {ours} kNN | {ours} − {theirs} kNN |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for _, row in table.iterrows():
-        lines.append(
-            f"| {row['epochs']:.0f} | {row['batch_size']:.0f} | {row['epoch']:.0f} | {row['pairs']:.0f} | "
-            f"{row['baseline_q_b_median']:.2f} | {row['method_q_b_median']:.2f} | "
-            f"{row['baseline_knn']:.2f} | {row['method_knn']:.2f} | "
-            f"{plus_minus(row['knn_diff_mean'], row['knn_diff_std'])} |")
-    if table.empty:
-        lines.append("| no epoch has kNN monitor values of both losses for the same seed |"
-                     + " |" * 8)
+    for row in table.round(DECIMALS).to_dict("records"):
+        epoch = "missing" if pd.isna(row["epoch"]) else row["epoch"]
+        values = [_number(row[name], DECIMALS[name]) for name in COLUMNS[4:8]]
+        lines.append(f"| {row['epochs']} | {row['batch_size']} | {epoch} | {row['pairs']} | "
+                     + " | ".join(values)
+                     + f" | {plus_minus(row['knn_diff_mean'], row['knn_diff_std'])} |")
+    lines += ["", f"\\* For {ours}, the q_B that InfoNCE would have on {ours}'s embeddings. kNN: "
+              "the pretraining kNN monitor on a fixed test subset, not the final evaluation."]
     return "\n".join(lines) + "\n"
 
 
 def write_gap(table: pd.DataFrame, method: str, baseline: str, csv_path: Path,
               md_path: Path | None = None) -> None:
     """Write the table atomically as CSV (q_B to 3 decimals, accuracies to 2) and Markdown."""
-    rounded = table.round({"baseline_q_b_median": 3, "method_q_b_median": 3, "baseline_knn": 2,
-                           "method_knn": 2, "knn_diff_mean": 2, "knn_diff_std": 2})
-    write_text(Path(csv_path), rounded.to_csv(index=False))
+    write_text(Path(csv_path), table.round(DECIMALS).to_csv(index=False))
     if md_path is not None:
         write_text(Path(md_path), render_markdown(table, method, baseline))
-    if not table.empty:
-        logger.info("wrote %d epochs of %s − %s to %s", len(table), method, baseline, csv_path)
-
+    logger.info("wrote %d rows of %s − %s to %s", len(table), method, baseline, csv_path)

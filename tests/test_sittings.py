@@ -108,3 +108,26 @@ def test_only_finished_never_plans_work(fresh_clone):
     assert not WORK_RULES & set(jobs), jobs
     assert jobs["aggregate_linear"] == 1
     assert jobs["difference_by_epoch"] == 2  # DCL and DCLW against InfoNCE
+
+
+def test_only_finished_redraws_when_a_cell_arrives(fresh_clone, tmp_path):
+    """A cell finished elsewhere and copied in later joins every table on the next render."""
+    root, config = fresh_clone
+    cell = next(root.glob("runs/cifar10/*/dcl/bs64/ep1/seed0"))
+    aside = tmp_path / "aside"
+    shutil.move(cell, aside)
+    render = ("all", "--config", "only_finished=true", "tracking_uri=none")
+    # Tables without Snakemake records, as a fresh clone has them: only file times can
+    # tell that they are older than the cell.
+    assert snakemake(config, *render, "--forceall", "--drop-metadata").returncode == 0
+    assert pd.read_csv(root / "tables" / "cifar10_top1.csv").set_index("loss").loc["dcl", "64_n"] == 0
+
+    shutil.copytree(aside, cell, copy_function=shutil.copy)  # new file times, as cp gives
+    result = snakemake(config, *render)
+
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert pd.read_csv(root / "tables" / "cifar10_top1.csv").set_index("loss").loc["dcl", "64_n"] == 1
+    difference = pd.read_csv(root / "tables" / "cifar10_dcl_minus_infonce.csv").set_index("batch_size")
+    assert difference.loc[64, "pairs"] == 1
+    by_epoch = pd.read_csv(root / "tables" / "cifar10_dcl_minus_infonce_by_epoch.csv")
+    assert by_epoch.set_index("batch_size").loc[64, "pairs"] == 1

@@ -147,11 +147,13 @@ def grid_files(dataset, name):
     """``name`` of every grid run, or with ``only_finished`` of the runs that have it.
 
     ``only_finished`` renders the tables and figures of a partly finished study without
-    running anything new; the missing cells stay empty in the tables.
+    running anything new; the missing cells stay empty in the tables. No rule makes the
+    files then, so they are plain inputs: a run file newer than a table (a newly copied
+    cell) or a changed set of finished runs redraws it.
     """
     files = run_files(dataset, name)
     if config["only_finished"]:
-        return [ancient(path) for path in files if Path(path).exists()]
+        return [path for path in files if Path(path).exists()]
     return files
 
 
@@ -224,8 +226,10 @@ def check_targets():
                if target not in names and not any(rule.is_producer(target) for rule in rules)]
     if unknown:
         examples = ", ".join(all_targets()[:3])
+        reason = ("only_finished=true leaves out the data, training and evaluation rules; "
+                  "run without it to make run files. " if config["only_finished"] else "")
         raise WorkflowError(
             f"unknown target(s) {', '.join(map(repr, unknown))}: no rule of this workflow makes them. "
-            f"Ask for a rule ({', '.join(sorted(names))}) or an output file under {ROOT}/, "
+            f"{reason}Ask for a rule ({', '.join(sorted(names))}) or an output file under {ROOT}/, "
             f"e.g. {examples}; 'snakemake --list-target-rules' lists the rules."
         )

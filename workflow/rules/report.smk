@@ -81,9 +81,11 @@ rule difference_by_epoch:
         md=ROOT + "/tables/{dataset}_{method}_minus_{baseline}_by_epoch.md",
     log:
         ROOT + "/logs/aggregate/{dataset}_{method}_minus_{baseline}_by_epoch.log",
+    params:
+        axes=batch_and_epoch_args,
     shell:
         "{DCL} difference-by-epoch --dataset {wildcards.dataset} --method {wildcards.method} "
-        "--baseline {wildcards.baseline} --csv {output.csv:q} --md {output.md:q} "
+        "--baseline {wildcards.baseline} {params.axes} --csv {output.csv:q} --md {output.md:q} "
         "{input:q} > {log:q} 2>&1"
 
 
@@ -130,7 +132,7 @@ rule paper_vs_reproduced:
             path
             for dataset in GRID["datasets"]
             for name in ("linear.json", "knn.json")
-            for path in run_files(dataset, name)
+            for path in grid_files(dataset, name)
         ],
     output:
         csv=report(ROOT + "/tables/paper_vs_reproduced.csv", caption="../report/paper_vs_reproduced.rst", category="Tables"),
