@@ -278,6 +278,18 @@ def _add_tracking(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--artifact-root", default=None, help="folder for MLflow artifacts")
 
 
+def _add_pair(parser: argparse.ArgumentParser, results_help: str) -> None:
+    """Add the arguments of a paired comparison of two losses over a grid."""
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--method", required=True, choices=["infonce", "dcl", "dclw"])
+    parser.add_argument("--baseline", required=True, choices=["infonce", "dcl", "dclw"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, required=True)
+    parser.add_argument("--epochs", nargs="+", type=int, required=True)
+    parser.add_argument("--csv", required=True)
+    parser.add_argument("--md", default=None)
+    parser.add_argument("results", nargs="*", help=results_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -336,26 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     agg.set_defaults(func=cmd_aggregate)
 
     diff = commands.add_parser("difference", help="one loss minus another, paired by seed")
-    diff.add_argument("--dataset", required=True)
-    diff.add_argument("--method", required=True, choices=["infonce", "dcl", "dclw"])
-    diff.add_argument("--baseline", required=True, choices=["infonce", "dcl", "dclw"])
-    diff.add_argument("--batch-sizes", nargs="+", type=int, required=True)
-    diff.add_argument("--epochs", nargs="+", type=int, required=True)
-    diff.add_argument("--csv", required=True)
-    diff.add_argument("--md", default=None)
-    diff.add_argument("results", nargs="*", help="linear.json files of the runs")
+    _add_pair(diff, "linear.json files of the runs")
     diff.set_defaults(func=cmd_difference)
 
     by_epoch = commands.add_parser("difference-by-epoch",
                                    help="kNN-monitor gap of two losses over epochs, beside q_B")
-    by_epoch.add_argument("--dataset", required=True)
-    by_epoch.add_argument("--method", required=True, choices=["infonce", "dcl", "dclw"])
-    by_epoch.add_argument("--baseline", required=True, choices=["infonce", "dcl", "dclw"])
-    by_epoch.add_argument("--batch-sizes", nargs="+", type=int, required=True)
-    by_epoch.add_argument("--epochs", nargs="+", type=int, required=True)
-    by_epoch.add_argument("--csv", required=True)
-    by_epoch.add_argument("--md", default=None)
-    by_epoch.add_argument("results", nargs="*", help="pretrain.json files of the runs")
+    _add_pair(by_epoch, "pretrain.json files of the runs")
     by_epoch.set_defaults(func=cmd_difference_by_epoch)
 
     diag = commands.add_parser("diagnostics", help="q_B and pretraining-curve figures")

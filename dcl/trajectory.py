@@ -37,7 +37,7 @@ KEYS = ["epochs", "batch_size", "epoch", "seed"]
 
 
 def _monitored(histories: pd.DataFrame, loss: str) -> pd.DataFrame:
-    """The loss's monitored epochs indexed by KEYS; ValueError if two runs share a cell."""
+    """Index the loss's monitored epochs by KEYS, and raise ValueError if two runs share a cell."""
     runs = histories[(histories["loss"] == loss) & histories["knn_monitor_top1"].notna()]
     twice = runs[runs.duplicated(KEYS, keep=False)]
     if not twice.empty:
