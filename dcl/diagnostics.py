@@ -61,7 +61,7 @@ def _legend(axes, **options) -> None:
 
 def plot_npc(histories: pd.DataFrame, losses: list[str], path: Path, title: str) -> None:
     """q_B of the last epoch against batch size: median line, 10–90 % band; one panel per loss."""
-    figure = Figure(figsize=(4 * len(losses), 3.4))
+    figure = Figure(figsize=(4 * len(losses), 3.4), layout="constrained")
     axes = figure.subplots(1, len(losses), sharey=True, squeeze=False)[0]
     if histories.empty:
         last = histories
@@ -96,7 +96,7 @@ def plot_curves(histories: pd.DataFrame, losses: list[str], path: Path, title: s
     """
     rows = [(key, label) for key, label in CURVE_ROWS
             if histories.empty or histories[key].notna().any()]
-    figure = Figure(figsize=(4 * len(losses), 3 * len(rows)))
+    figure = Figure(figsize=(4 * len(losses), 3 * len(rows)), layout="constrained")
     axes = figure.subplots(len(rows), len(losses), sharex=True, squeeze=False)
     columns = [key for key, _ in rows]
     for column, loss in enumerate(losses):
