@@ -35,6 +35,9 @@ from dcl.datasets import DataError
 
 log = logging.getLogger("dcl")
 
+# The names of dcl.losses.LOSS_NAMES, repeated so that parsing arguments does not import torch.
+LOSS_CHOICES = ("infonce", "dcl", "dclw")
+
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.settings is not None:
@@ -281,8 +284,8 @@ def _add_tracking(parser: argparse.ArgumentParser) -> None:
 def _add_pair(parser: argparse.ArgumentParser, results_help: str) -> None:
     """Add the arguments of a paired comparison of two losses over a grid."""
     parser.add_argument("--dataset", required=True)
-    parser.add_argument("--method", required=True, choices=["infonce", "dcl", "dclw"])
-    parser.add_argument("--baseline", required=True, choices=["infonce", "dcl", "dclw"])
+    parser.add_argument("--method", required=True, choices=LOSS_CHOICES)
+    parser.add_argument("--baseline", required=True, choices=LOSS_CHOICES)
     parser.add_argument("--batch-sizes", nargs="+", type=int, required=True)
     parser.add_argument("--epochs", nargs="+", type=int, required=True)
     parser.add_argument("--csv", required=True)
@@ -317,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre = commands.add_parser("pretrain", help="SimCLR pretraining of one grid run")
     _add_settings(pre)
     _add_tracking(pre)
-    pre.add_argument("--loss", required=True, choices=["infonce", "dcl", "dclw"])
+    pre.add_argument("--loss", required=True, choices=LOSS_CHOICES)
     pre.add_argument("--batch-size", type=int, required=True, help="images per step (N)")
     pre.add_argument("--epochs", type=int, required=True)
     pre.add_argument("--seed", type=int, default=0)

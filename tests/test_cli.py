@@ -10,8 +10,9 @@ import torch
 import yaml
 from PIL import Image
 
-from dcl.cli import main
+from dcl.cli import LOSS_CHOICES, main
 from dcl.config import REPO_ROOT
+from dcl.losses import LOSS_NAMES
 
 torch.set_num_threads(1)
 
@@ -45,6 +46,10 @@ def _pretrain_args(run_dir: Path, settings_json: str, cache: Path, **overrides) 
 
 def _errors(caplog) -> str:
     return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+
+
+def test_loss_choices_match_losses():
+    assert LOSS_CHOICES == LOSS_NAMES
 
 
 def test_unknown_loss_exits_2(tmp_path, settings, cache, capsys):
